@@ -1,0 +1,1 @@
+"""UNMERGE's built-in plugins: every algorithm lives here, registered through the ``unmerge`` entry points."""

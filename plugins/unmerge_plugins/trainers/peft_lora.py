@@ -1,0 +1,119 @@
+"""``peft-lora``: train a real LoRA adapter per micro-task with PEFT and transformers."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from unmerge_core.errors import UnmergeError
+from unmerge_core.types import PluginParams, TrainJob
+
+from ..tiny_model import TinyModelParams, build_tiny_model
+
+
+class PeftLoraParams(PluginParams):
+    """Proposal defaults: r=32, α=32, lr 2e-4, 3 epochs on Qwen/Qwen2.5-7B-Instruct."""
+
+    base_model: str | None = Field(None, description="local path or Hugging Face id of the base model")
+    tiny: TinyModelParams | None = Field(None, description="build a tiny Qwen2 model locally instead")
+    rank: int = Field(32, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(256, ge=8)
+    num_examples: int = Field(1000, ge=1, description="training examples drawn per task")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, description="added to the per-task seed the runner derives")
+
+    @model_validator(mode="after")
+    def _one_base(self) -> PeftLoraParams:
+        if (self.base_model is None) == (self.tiny is None):
+            raise ValueError("set exactly one of 'base_model' (path or hub id) and 'tiny' (build locally)")
+        return self
+
+
+class PeftLoraTrainer:
+    def __init__(self, params: PeftLoraParams) -> None:
+        self.params = params
+
+    def base_path(self, workspace: Path) -> str:
+        if self.params.tiny is not None:
+            return str(build_tiny_model(workspace / "tiny-base", self.params.tiny))
+        assert self.params.base_model is not None
+        return self.params.base_model
+
+    def train(self, job: TrainJob) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+        from ..tasks import load_examples
+
+        p = self.params
+        seed = job.seed + p.seed
+        random.seed(seed)
+        torch.manual_seed(seed)
+        base = self.base_path(job.workspace)
+        device = "cuda" if p.device == "auto" and torch.cuda.is_available() else ("cpu" if p.device == "auto" else p.device)
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        except OSError as exc:
+            raise UnmergeError(f"trainer 'peft-lora': cannot load base model {base!r}: {exc}") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        config = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                            target_modules=list(p.target_modules), bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config).to(device)
+        examples = load_examples(job.task, p.num_examples, seed, split="train")
+        batches = _tokenize(tokenizer, examples, p.max_length)
+        optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=p.learning_rate)
+        order = list(range(len(batches)))
+        rng = random.Random(seed)
+        model.train()
+        for _ in range(p.epochs):
+            rng.shuffle(order)
+            for start in range(0, len(order), p.batch_size):
+                ids = [batches[i] for i in order[start:start + p.batch_size]]
+                input_ids, labels, attention = _collate(ids, tokenizer.pad_token_id)
+                out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                            labels=labels.to(device))
+                if not math.isfinite(out.loss.item()):
+                    raise UnmergeError(f"trainer 'peft-lora': loss became {out.loss.item()} on task "
+                                       f"{job.task.name}; lower learning_rate")
+                out.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        model.save_pretrained(job.output_dir, safe_serialization=True)
+
+
+def _tokenize(tokenizer, examples, max_length: int) -> list[tuple[list[int], int]]:  # type: ignore[no-untyped-def]
+    """Token ids of prompt+response+eos and the number of prompt tokens (not trained on)."""
+    out = []
+    for ex in examples:
+        prompt_ids = tokenizer(ex.prompt + "\n", add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt_ids + response_ids)[:max_length]
+        out.append((ids, min(len(prompt_ids), len(ids))))
+    return out
+
+
+def _collate(items, pad_id: int):  # type: ignore[no-untyped-def]
+    import torch
+
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(items):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+        attention[row, : len(ids)] = 1
+    return input_ids, labels, attention

@@ -1,0 +1,96 @@
+"""``synthetic``: random low-rank adapters of any model shape, with structure shared between tasks.
+
+Each module's ΔW is a sum of three low-rank parts: a component common to every task, one common to
+the tasks of the same registry category, and the task's own. Their shares of the variance are
+``shared`` and ``category_shared``. Real adapters of one base model correlate (they share a common
+direction); this reproduces that without base weights or training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from unmerge_core.store import content_key
+from unmerge_core.types import PluginParams, TrainJob
+
+from ..shapes import module_shapes_from_config
+from ..tiny_model import TinyModelParams
+
+
+class SyntheticParams(PluginParams):
+    """Give the shapes by a config (file or tiny model) or explicitly."""
+
+    config: str | None = Field(None, description="path to a transformers config.json")
+    tiny: TinyModelParams | None = Field(None, description="shapes of the tiny local model")
+    module_shapes: dict[str, tuple[int, int]] | None = Field(None, description="module name -> (out, in)")
+    layers: int | None = Field(None, ge=1, description="use only the first N layers of the config")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rank: int = Field(32, ge=3)
+    alpha: float = Field(32.0, gt=0)
+    shared: float = Field(0.3, ge=0, lt=1, description="variance share of the component common to all tasks")
+    category_shared: float = Field(0.2, ge=0, lt=1, description="variance share common within a category")
+    scale: float = Field(1e-3, gt=0, description="standard deviation of ΔW entries")
+    seed: int = Field(0, description="seed of the shared components")
+    base_model_name: str = "synthetic"
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticParams:
+        given = [x is not None for x in (self.config, self.tiny, self.module_shapes)]
+        if sum(given) != 1:
+            raise ValueError("set exactly one of 'config', 'tiny' and 'module_shapes'")
+        if self.shared + self.category_shared >= 1:
+            raise ValueError("shared + category_shared must be below 1")
+        return self
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        if self.module_shapes is not None:
+            return {k: (int(v[0]), int(v[1])) for k, v in self.module_shapes.items()}
+        if self.tiny is not None:
+            cfg = self.tiny.model_dump()
+        else:
+            assert self.config is not None
+            cfg = json.loads(Path(self.config).read_text())
+        return module_shapes_from_config(cfg, self.target_modules, self.layers)
+
+
+class SyntheticTrainer:
+    def __init__(self, params: SyntheticParams) -> None:
+        self.params = params
+
+    def train(self, job: TrainJob) -> None:
+        from safetensors.torch import save_file
+
+        p = self.params
+        shapes = p.shapes()
+        r = p.rank
+        r_common, r_cat = r // 3, r // 3
+        r_own = r - r_common - r_cat
+        parts = [("common", r_common, p.shared, f"common"),
+                 ("category", r_cat, p.category_shared, f"category:{job.task.category}"),
+                 ("own", r_own, 1 - p.shared - p.category_shared, f"task:{job.task.name}:{job.seed}")]
+        tensors: dict[str, torch.Tensor] = {}
+        lora_scale = p.alpha / r
+        for module, (n_out, n_in) in shapes.items():
+            a_blocks, b_blocks = [], []
+            for _, rank, share, label in parts:
+                gen = np.random.default_rng(int(content_key(p.seed, label, module), 16) % 2**63)
+                # entries of B·A have variance rank · σ_a² σ_b²; choose σ so the part's variance is share · scale²
+                sigma = math.sqrt(math.sqrt(max(share, 0.0)) * p.scale / math.sqrt(rank) / lora_scale)
+                a_blocks.append(gen.standard_normal((rank, n_in), dtype=np.float32) * sigma)
+                b_blocks.append(gen.standard_normal((n_out, rank), dtype=np.float32) * sigma)
+            prefix = f"base_model.model.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.from_numpy(np.concatenate(a_blocks, axis=0))
+            tensors[f"{prefix}.lora_B.weight"] = torch.from_numpy(np.concatenate(b_blocks, axis=1))
+        save_file(tensors, str(job.output_dir / "adapter_model.safetensors"))
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": p.alpha,
+            "target_modules": sorted(p.target_modules), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "base_model_name_or_path": p.base_model_name,
+        }
+        (job.output_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))

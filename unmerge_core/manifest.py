@@ -1,0 +1,300 @@
+"""The run manifest: a TOML file validated by pydantic, with every plugin resolved before work starts.
+
+:func:`load_manifest` reads the file, validates its structure (unknown keys are errors), loads the
+task registry, checks every task name, resolves every plugin by name and validates its ``params``
+against that plugin's own model. Any problem raises :class:`UnmergeError` with one line per problem:
+``<file>: <field path>: <what is wrong>``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from packaging.requirements import InvalidRequirement, Requirement
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UnmergeError
+from .manager import PluginManager, format_validation_error, validate_params
+from .registry import Registry
+from .types import PluginParams, PluginSpec, TaskInfo
+
+GROUPS = ("known", "mixed", "unknown")
+DEFAULT_METRICS = ("support", "reconstruction", "semantic-alignment")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginRef(_Strict):
+    """``plugin = "<name>"`` plus its ``params`` table; ``label`` tells two uses of one plugin apart."""
+
+    plugin: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.label or self.plugin
+
+
+class TaskSelection(_Strict):
+    """Which registry tasks form the dictionary (``known``) and which stay out of it (``unknown``)."""
+
+    known: list[str] = Field(min_length=1)
+    unknown: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> TaskSelection:
+        both = sorted(set(self.known) & set(self.unknown))
+        if both:
+            raise ValueError(f"tasks both known and unknown: {', '.join(both)}")
+        for field_name in ("known", "unknown"):
+            values = getattr(self, field_name)
+            dupes = sorted({v for v in values if values.count(v) > 1})
+            if dupes:
+                raise ValueError(f"{field_name} lists {', '.join(dupes)} more than once")
+        return self
+
+
+class Protocol(_Strict):
+    """How targets are generated. Defaults are the proposal's: 24 per group, 2–5 tasks, 4 methods."""
+
+    groups: list[Literal["known", "mixed", "unknown"]] = Field(default_factory=lambda: list(GROUPS))
+    methods: list[str] = Field(default_factory=lambda: ["linear", "ties", "dare_linear", "task_arithmetic"])
+    targets_per_group: int = Field(24, ge=1, description="split evenly over the merge methods")
+    min_tasks: int = Field(2, ge=1)
+    max_tasks: int = Field(5, ge=1)
+    weights: Literal["uniform", "dirichlet"] = "uniform"
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Protocol:
+        if self.max_tasks < self.min_tasks:
+            raise ValueError(f"max_tasks ({self.max_tasks}) is smaller than min_tasks ({self.min_tasks})")
+        if not self.methods:
+            raise ValueError("methods is empty")
+        if self.targets_per_group % len(self.methods):
+            raise ValueError(
+                f"targets_per_group ({self.targets_per_group}) must be a multiple of the number of "
+                f"methods ({len(self.methods)})"
+            )
+        return self
+
+
+class Output(_Strict):
+    dir: str = "runs"
+
+
+class ManifestFile(_Strict):
+    """The top level of a manifest file."""
+
+    name: str | None = None
+    description: str = ""
+    seed: int = 42
+    registry: str | None = None
+    requires: list[str] = Field(default_factory=list)
+    tasks: TaskSelection
+    protocol: Protocol = Field(default_factory=Protocol)
+    trainer: PluginRef
+    merger: PluginRef
+    masker: PluginRef
+    decomposers: list[PluginRef] = Field(min_length=1)
+    metrics: list[PluginRef] = Field(default_factory=lambda: [PluginRef(plugin=n) for n in DEFAULT_METRICS])
+    output: Output = Field(default_factory=Output)
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> ManifestFile:
+        for field_name in ("decomposers", "metrics"):
+            labels = [r.display for r in getattr(self, field_name)]
+            dupes = sorted({x for x in labels if labels.count(x) > 1})
+            if dupes:
+                raise ValueError(
+                    f"{field_name}: {', '.join(dupes)} used twice; give each a distinct 'label'"
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class ResolvedPlugin:
+    """A manifest entry bound to an installed plugin and its validated parameters."""
+
+    label: str
+    spec: PluginSpec
+    params: PluginParams
+    distribution: str
+    version: str
+
+    def build(self) -> Any:
+        return self.spec.factory(self.params)
+
+    def config(self) -> dict[str, Any]:
+        """What identifies this plugin's work for caching."""
+        return {"plugin": self.spec.name, "params": self.params.model_dump(mode="json")}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest with its plugins resolved and its tasks looked up."""
+
+    path: Path
+    name: str
+    file: ManifestFile
+    registry: Registry
+    known: tuple[TaskInfo, ...]
+    unknown: tuple[TaskInfo, ...]
+    trainer: ResolvedPlugin
+    merger: ResolvedPlugin
+    masker: ResolvedPlugin
+    decomposers: tuple[ResolvedPlugin, ...]
+    metrics: tuple[ResolvedPlugin, ...]
+
+    @property
+    def seed(self) -> int:
+        return self.file.seed
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.file.protocol
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.file.output.dir) / self.name
+
+    @property
+    def all_tasks(self) -> tuple[TaskInfo, ...]:
+        return self.known + self.unknown
+
+
+def load_manifest(path: str | Path, manager: PluginManager | None = None) -> Manifest:
+    """Read, validate and resolve a manifest. Raises :class:`UnmergeError` with one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnmergeError(f"manifest not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UnmergeError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        file = ManifestFile.model_validate(raw)
+    except ValidationError as exc:
+        raise UnmergeError(format_validation_error(exc, prefix=str(path))) from None
+
+    manager = manager or PluginManager()
+    errors: list[str] = []
+    _check_requirements(path, file.requires, errors)
+    registry = _load_registry(path, file.registry)
+    known = _lookup_tasks(path, registry, "tasks.known", file.tasks.known, errors)
+    unknown = _lookup_tasks(path, registry, "tasks.unknown", file.tasks.unknown, errors)
+    _check_protocol(path, file, errors)
+
+    def resolve(stage: str, ref: PluginRef, where: str) -> ResolvedPlugin | None:
+        try:
+            installed = manager.get(stage, ref.plugin, where=f"{path}: {where}.plugin")
+            params = validate_params(installed.spec, ref.params, where=f"{path}: {where}.params")
+        except UnmergeError as exc:
+            errors.append(str(exc))
+            return None
+        return ResolvedPlugin(ref.display, installed.spec, params, installed.distribution, installed.version)
+
+    trainer = resolve("trainer", file.trainer, "trainer")
+    merger = resolve("merger", file.merger, "merger")
+    masker = resolve("masker", file.masker, "masker")
+    decomposers = [resolve("decomposer", r, f"decomposers[{i}]") for i, r in enumerate(file.decomposers)]
+    metrics = [resolve("metric", r, f"metrics[{i}]") for i, r in enumerate(file.metrics)]
+    if merger is not None:
+        supported = list(getattr(merger.build(), "methods", []))
+        for i, method in enumerate(file.protocol.methods):
+            if method not in supported:
+                errors.append(
+                    f"{path}: protocol.methods[{i}]: merger '{merger.spec.name}' has no method "
+                    f"'{method}'; choose one of: {', '.join(supported)}"
+                )
+    if errors:
+        raise UnmergeError("\n".join(errors))
+    assert trainer and merger and masker
+    name = file.name or path.stem
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise UnmergeError(f"{path}: name: {name!r} may only contain letters, digits, '.', '_' and '-'")
+    return Manifest(
+        path=path,
+        name=name,
+        file=file,
+        registry=registry,
+        known=tuple(known),
+        unknown=tuple(unknown),
+        trainer=trainer,
+        merger=merger,
+        masker=masker,
+        decomposers=tuple(d for d in decomposers if d),
+        metrics=tuple(m for m in metrics if m),
+    )
+
+
+def _load_registry(manifest_path: Path, registry: str | None) -> Registry:
+    if registry is not None:
+        candidate = Path(registry)
+        if not candidate.is_absolute():
+            candidate = manifest_path.parent / candidate
+        if not candidate.is_file():
+            raise UnmergeError(f"{manifest_path}: registry: file not found: {candidate}")
+        return Registry.load(candidate)
+    for parent in [manifest_path.parent.resolve(), *manifest_path.parent.resolve().parents]:
+        candidate = parent / "registry.toml"
+        if candidate.is_file():
+            return Registry.load(candidate)
+    raise UnmergeError(f"{manifest_path}: registry: no registry.toml found next to the manifest or above it")
+
+
+def _lookup_tasks(path: Path, registry: Registry, field: str, names: list[str], errors: list[str]) -> list[TaskInfo]:
+    found = []
+    for i, name in enumerate(names):
+        if name not in registry.data.tasks:
+            errors.append(
+                f"{path}: {field}[{i}]: unknown task '{name}' (not in {registry.path.name}); "
+                f"choose one of: {', '.join(registry.task_names)}"
+            )
+        else:
+            found.append(registry.task(name))
+    return found
+
+
+def _check_protocol(path: Path, file: ManifestFile, errors: list[str]) -> None:
+    proto = file.protocol
+    n_known, n_unknown = len(file.tasks.known), len(file.tasks.unknown)
+    if "known" in proto.groups and n_known < proto.min_tasks:
+        errors.append(
+            f"{path}: protocol.min_tasks: the known group needs {proto.min_tasks} known tasks, "
+            f"tasks.known has {n_known}"
+        )
+    if "unknown" in proto.groups and n_unknown < proto.min_tasks:
+        errors.append(
+            f"{path}: protocol.groups: the unknown group needs {proto.min_tasks} unknown tasks, "
+            f"tasks.unknown has {n_unknown}"
+        )
+    if "mixed" in proto.groups and (n_unknown < 1 or max(proto.min_tasks, 2) > n_known + n_unknown):
+        errors.append(f"{path}: protocol.groups: the mixed group needs at least one unknown task in tasks.unknown")
+
+
+def _check_requirements(path: Path, requires: list[str], errors: list[str]) -> None:
+    import importlib.metadata as md
+
+    for i, text in enumerate(requires):
+        try:
+            req = Requirement(text)
+        except InvalidRequirement as exc:
+            errors.append(f"{path}: requires[{i}]: {exc}")
+            continue
+        try:
+            version = md.version(req.name)
+        except md.PackageNotFoundError:
+            errors.append(f"{path}: requires[{i}]: '{req.name}' is not installed; run: pip install '{text}'")
+            continue
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            errors.append(
+                f"{path}: requires[{i}]: '{req.name}' {version} is installed but '{text}' is required; "
+                f"run: pip install --upgrade '{text}'"
+            )

@@ -1,0 +1,85 @@
+"""Target specifications: which tasks, which weights, which merge method, for every target.
+
+Deterministic from the manifest's seed. Each group gets ``targets_per_group`` targets, split evenly
+over the merge methods; each target draws between ``min_tasks`` and ``max_tasks`` constituents:
+``known`` from the dictionary tasks, ``unknown`` from the others, ``mixed`` at least one of each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .manifest import Manifest
+from .store import content_key
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Ground truth of one target: saved with the target and used by every metric."""
+
+    target_id: str
+    group: str
+    method: str
+    tasks: tuple[str, ...]
+    weights: tuple[float, ...]
+    seed: int
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 31-bit seed derived from a base seed and labels (stable across runs and platforms)."""
+    return int(content_key(seed, *parts), 16) % (2**31 - 1)
+
+
+def generate_targets(manifest: Manifest) -> list[TargetSpec]:
+    proto = manifest.protocol
+    known = [t.name for t in manifest.known]
+    unknown = [t.name for t in manifest.unknown]
+    rng = np.random.default_rng(manifest.seed)
+    per_method = proto.targets_per_group // len(proto.methods)
+    specs: list[TargetSpec] = []
+    for group in proto.groups:
+        for method in proto.methods:
+            for i in range(per_method):
+                tasks = _draw_tasks(rng, group, known, unknown, proto.min_tasks, proto.max_tasks)
+                weights = _draw_weights(rng, len(tasks), proto.weights)
+                target_id = f"{group}-{method}-{i:02d}"
+                specs.append(
+                    TargetSpec(
+                        target_id=target_id,
+                        group=group,
+                        method=method,
+                        tasks=tuple(tasks),
+                        weights=tuple(weights),
+                        seed=derive_seed(manifest.seed, "target", target_id),
+                    )
+                )
+    return specs
+
+
+def _draw_tasks(
+    rng: np.random.Generator, group: str, known: list[str], unknown: list[str], lo: int, hi: int
+) -> list[str]:
+    if group == "known":
+        n = int(rng.integers(lo, min(hi, len(known)) + 1))
+        return [known[i] for i in sorted(rng.choice(len(known), n, replace=False))]
+    if group == "unknown":
+        n = int(rng.integers(lo, min(hi, len(unknown)) + 1))
+        return [unknown[i] for i in sorted(rng.choice(len(unknown), n, replace=False))]
+    lo = max(lo, 2)
+    n = int(rng.integers(lo, min(hi, len(known) + len(unknown)) + 1))
+    n_unknown = int(rng.integers(max(1, n - len(known)), min(n - 1, len(unknown)) + 1))
+    n_known = n - n_unknown
+    chosen_known = [known[i] for i in sorted(rng.choice(len(known), n_known, replace=False))]
+    chosen_unknown = [unknown[i] for i in sorted(rng.choice(len(unknown), n_unknown, replace=False))]
+    return chosen_known + chosen_unknown
+
+
+def _draw_weights(rng: np.random.Generator, n: int, scheme: str) -> list[float]:
+    if scheme == "dirichlet":
+        return [float(w) for w in rng.dirichlet(np.ones(n))]
+    return [1.0 / n] * n

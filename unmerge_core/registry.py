@@ -1,0 +1,84 @@
+"""The micro-task catalogue (``registry.toml``).
+
+Each ``[tasks.<name>]`` table gives a category and a ``source`` table. The core only checks the shape;
+what a source means (a procedural generator, a Hugging Face dataset, a local JSONL file) is for the
+trainer plugins that read the data. ``[plugins.<name>]`` tables list first-party plugins that
+``unmerge plugins --available`` shows.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import UnmergeError
+from .manager import format_validation_error
+from .types import TaskInfo
+
+Category = Literal["code", "structured", "reasoning", "style", "other"]
+
+
+class SourceEntry(BaseModel):
+    """Where a task's examples come from; ``kind`` selects the loader, other keys are its options."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["procedural", "hf", "jsonl"]
+
+
+class TaskEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    category: Category
+    description: str = ""
+    source: SourceEntry
+
+
+class AvailablePlugin(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stage: Literal["trainer", "merger", "masker", "decomposer", "metric"]
+    distribution: str
+    summary: str = ""
+
+
+class RegistryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tasks: dict[str, TaskEntry]
+    plugins: dict[str, AvailablePlugin] = {}
+
+
+class Registry:
+    """Loaded registry with task lookup."""
+
+    def __init__(self, path: Path, data: RegistryFile) -> None:
+        self.path = path
+        self.data = data
+
+    @classmethod
+    def load(cls, path: str | Path) -> Registry:
+        path = Path(path)
+        if not path.is_file():
+            raise UnmergeError(f"registry file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise UnmergeError(f"{path}: invalid TOML: {exc}") from None
+        try:
+            data = RegistryFile.model_validate(raw)
+        except ValidationError as exc:
+            raise UnmergeError(format_validation_error(exc, prefix=str(path))) from None
+        return cls(path, data)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.data.tasks)
+
+    def task(self, name: str) -> TaskInfo:
+        entry = self.data.tasks[name]
+        source: dict[str, Any] = entry.source.model_dump()
+        if source.get("kind") == "jsonl" and "path" in source:
+            # Relative JSONL paths are relative to the registry file.
+            p = Path(source["path"])
+            source["path"] = str(p if p.is_absolute() else (self.path.parent / p).resolve())
+        return TaskInfo(name=name, category=entry.category, source=source, description=entry.description)

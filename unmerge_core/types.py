@@ -1,0 +1,293 @@
+"""Typed values that cross the boundary between the core and its plugins.
+
+Everything a plugin receives or returns is defined here, so a plugin author reads one module to know
+the shapes involved. Tensors are ``torch.Tensor`` while they are still in model space (one module of
+ΔW); once a mask has reduced them to vectors they are ``numpy.ndarray`` of float64.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+
+class Stage(str, Enum):
+    """The five stages of an UNMERGE run, in the order the runner executes them."""
+
+    TRAINER = "trainer"
+    MERGER = "merger"
+    MASKER = "masker"
+    DECOMPOSER = "decomposer"
+    METRIC = "metric"
+
+
+STAGE_NAMES: tuple[str, ...] = tuple(s.value for s in Stage)
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+class PluginParams(BaseModel):
+    """Base class of every plugin's parameter model: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(PluginParams):
+    """Parameter model of a plugin that takes no parameters."""
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """What a plugin declares about itself; returned by the stage hooks in :mod:`hookspecs`.
+
+    Attributes:
+        name: Normalised name used in manifests (lower case, digits, ``-``, ``_``, ``.``).
+        stage: The stage the plugin serves.
+        summary: One line shown by ``unmerge plugins``.
+        reference: URL of the paper or library the algorithm comes from.
+        params: Pydantic model of the plugin's parameters (subclass of :class:`PluginParams`).
+        factory: Called with a validated ``params`` instance, returns the implementation object
+            (a :class:`Trainer`, :class:`Merger`, :class:`Masker`, :class:`Decomposer` or :class:`Metric`).
+    """
+
+    name: str
+    stage: Stage
+    summary: str
+    reference: str
+    params: type[PluginParams]
+    factory: Callable[[Any], Any]
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"plugin name {self.name!r} must match {_NAME_RE.pattern}")
+        object.__setattr__(self, "stage", Stage(self.stage))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks and adapters (trainer stage)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One micro-task of the registry.
+
+    Attributes:
+        name: Registry key, e.g. ``"reverse-words"``.
+        category: One of ``code``, ``structured``, ``reasoning``, ``style``, ``other``.
+        source: The registry's data-source table for this task, as a plain dict (``kind`` says
+            which loader reads it: ``procedural``, ``hf`` or ``jsonl``). Plugins interpret it.
+        description: Free text from the registry.
+    """
+
+    name: str
+    category: str
+    source: Mapping[str, Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One unit of work for a trainer: produce the adapter of one task.
+
+    Attributes:
+        task: The micro-task to train.
+        output_dir: Empty directory the trainer must fill with a PEFT adapter
+            (``adapter_config.json`` + ``adapter_model.safetensors``). The runner moves it into the
+            cache atomically once ``train`` returns.
+        seed: Seed derived from the manifest's seed and the task name.
+        workspace: Directory shared by all jobs of this trainer in this run, for reusable inputs
+            (for example a locally built base model). Keyed by the trainer's parameters.
+        task_index: Position of the task in the manifest's task list (some trainers use it).
+    """
+
+    task: TaskInfo
+    output_dir: Path
+    seed: int
+    workspace: Path
+    task_index: int = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks and merge jobs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A binary mask over ΔW coordinates, stored sparsely as flat indices per module.
+
+    Attributes:
+        indices: Module name -> sorted int64 array of flat (row-major) indices into that module's
+            ΔW of shape ``shapes[module]``.
+        shapes: Module name -> ``(out_features, in_features)``.
+
+    The masked vector of a task is the concatenation, in ``modules`` order, of ``ΔW.flatten()[idx]``.
+    """
+
+    indices: Mapping[str, np.ndarray]
+    shapes: Mapping[str, tuple[int, int]]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.indices)
+
+    @property
+    def size(self) -> int:
+        return int(sum(len(v) for v in self.indices.values()))
+
+    def slices(self) -> dict[str, slice]:
+        """Module name -> slice of the masked vector holding that module's coordinates."""
+        out: dict[str, slice] = {}
+        start = 0
+        for name, idx in self.indices.items():
+            out[name] = slice(start, start + len(idx))
+            start += len(idx)
+        return out
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """What a merger needs to know about one target, besides the tensors.
+
+    Attributes:
+        target_id: Stable identifier, e.g. ``"mixed-ties-03"``.
+        method: Merge method name (one of the merger's ``methods``).
+        tasks: Constituent task names, in order.
+        weights: One weight per constituent.
+        seed: Seed for random methods (DARE); derived from the manifest seed and ``target_id``.
+    """
+
+    target_id: str
+    method: str
+    tasks: tuple[str, ...]
+    weights: tuple[float, ...]
+    seed: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Decomposition
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecompositionProblem:
+    """A target vector to express with a dictionary of atoms.
+
+    Attributes:
+        dictionary: ``(n_coords, n_atoms)`` float64 matrix; column ``j`` is atom ``atom_names[j]``
+            restricted to the mask.
+        target: ``(n_coords,)`` float64 target task vector restricted to the same mask.
+        atom_names: Names of the dictionary tasks, one per column.
+        groups: Module name -> slice of rows belonging to that module (for per-layer methods).
+        seed: Seed for randomised solvers.
+    """
+
+    dictionary: np.ndarray
+    target: np.ndarray
+    atom_names: tuple[str, ...]
+    groups: Mapping[str, slice] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class Decomposition:
+    """A decomposer's answer.
+
+    Attributes:
+        coefficients: ``(n_atoms,)`` float array, one coefficient per dictionary atom.
+        reconstruction: ``(n_coords,)`` the dictionary times the coefficients (or the decomposer's own
+            reconstruction if it is not linear in the coefficients).
+        support: Optional boolean ``(n_atoms,)``: the atoms the decomposer itself declares present.
+            When ``None`` the metrics derive the support from ``|coefficients|`` and their threshold.
+        out_of_dictionary: Optional verdict: ``True`` when the decomposer judges that the target is
+            not made of dictionary atoms at all.
+        info: Free-form JSON-serialisable diagnostics (chosen penalty, iterations, scores...).
+    """
+
+    coefficients: np.ndarray
+    reconstruction: np.ndarray
+    support: np.ndarray | None = None
+    out_of_dictionary: bool | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetEvaluation:
+    """Everything a metric may look at for one (target, decomposer) pair.
+
+    Attributes:
+        target_id: The target's identifier.
+        group: ``known``, ``mixed`` or ``unknown``.
+        method: Merge method that produced the target.
+        true_tasks: Constituent task names (ground truth).
+        true_weights: Their merge weights.
+        atom_names: Dictionary task names, aligned with ``decomposition.coefficients``.
+        target: Masked target vector.
+        decomposition: The decomposer's answer.
+        task_vectors: Masked vectors of every task of the run (dictionary and unknown), by name.
+        categories: Registry category of every task of the run, by name.
+    """
+
+    target_id: str
+    group: str
+    method: str
+    true_tasks: tuple[str, ...]
+    true_weights: tuple[float, ...]
+    atom_names: tuple[str, ...]
+    target: np.ndarray
+    decomposition: Decomposition
+    task_vectors: Mapping[str, np.ndarray]
+    categories: Mapping[str, str]
+
+    @property
+    def known_true_tasks(self) -> tuple[str, ...]:
+        """The constituents that are in the dictionary."""
+        atoms = set(self.atom_names)
+        return tuple(t for t in self.true_tasks if t in atoms)
+
+
+MetricValue = float | None
+
+
+# --------------------------------------------------------------------------------------------------
+# Implementation protocols (what a PluginSpec.factory returns)
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    def train(self, job: TrainJob) -> None: ...
+
+
+@runtime_checkable
+class Merger(Protocol):
+    methods: Sequence[str]
+
+    def merge_module(self, job: MergeJob, module: str, deltas: Sequence[Any]) -> Any: ...
+
+
+@runtime_checkable
+class Masker(Protocol):
+    def build_mask(self, adapters: Sequence[Any]) -> Mask: ...
+
+
+@runtime_checkable
+class Decomposer(Protocol):
+    def decompose(self, problem: DecompositionProblem) -> Decomposition: ...
+
+
+@runtime_checkable
+class Metric(Protocol):
+    def compute(self, evaluation: TargetEvaluation) -> Mapping[str, MetricValue]: ...
