@@ -192,7 +192,8 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "", plugin: P
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        path = ".".join(p for p in (prefix, loc) if p)
+        sep = " " if prefix.endswith(":") else "."
+        path = sep.join(p for p in (prefix, loc) if p)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             allowed = ""

@@ -181,7 +181,7 @@ def load_manifest(path: str | Path, manager: PluginManager | None = None) -> Man
     try:
         file = ManifestFile.model_validate(raw)
     except ValidationError as exc:
-        raise UnmergeError(format_validation_error(exc, prefix=str(path))) from None
+        raise UnmergeError(format_validation_error(exc, prefix=f"{path}:")) from None
 
     manager = manager or PluginManager()
     errors: list[str] = []

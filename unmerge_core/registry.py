@@ -67,7 +67,7 @@ class Registry:
         try:
             data = RegistryFile.model_validate(raw)
         except ValidationError as exc:
-            raise UnmergeError(format_validation_error(exc, prefix=str(path))) from None
+            raise UnmergeError(format_validation_error(exc, prefix=f"{path}:")) from None
         return cls(path, data)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -78,8 +79,11 @@ class PeftLoraTrainer:
         order = list(range(len(batches)))
         rng = random.Random(seed)
         model.train()
+        epoch_losses: list[float] = []
+        first_batch_loss: float | None = None
         for _ in range(p.epochs):
             rng.shuffle(order)
+            losses: list[float] = []
             for start in range(0, len(order), p.batch_size):
                 ids = [batches[i] for i in order[start:start + p.batch_size]]
                 input_ids, labels, attention = _collate(ids, tokenizer.pad_token_id)
@@ -91,7 +95,14 @@ class PeftLoraTrainer:
                 out.loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                losses.append(out.loss.item())
+                if first_batch_loss is None:
+                    first_batch_loss = losses[0]
+            epoch_losses.append(sum(losses) / len(losses))
         model.save_pretrained(job.output_dir, safe_serialization=True)
+        log = {"task": job.task.name, "examples": len(batches), "epoch_mean_loss": epoch_losses,
+               "first_batch_loss": first_batch_loss}
+        (job.output_dir / "training_log.json").write_text(json.dumps(log, indent=2))
 
 
 def _tokenize(tokenizer, examples, max_length: int) -> list[tuple[list[int], int]]:  # type: ignore[no-untyped-def]

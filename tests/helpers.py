@@ -1,0 +1,59 @@
+"""Builders of small real models and adapters for tests (no download, seconds on a CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def tiny_base(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A random Qwen2 model without tokenizer, saved as safetensors."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    Qwen2ForCausalLM(cfg).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def random_adapter(base: Path, directory: Path, seed: int, rank: int = 4, alpha: float = 8.0,
+                   scale: float = 0.05) -> Path:
+    """A PEFT LoRA adapter on ``base`` with random A and B (as if trained)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS,
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * scale)
+    peft_model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def merged_full_model(base: Path, adapter: Path, directory: Path) -> Path:
+    """base + adapter merged into a full model directory (what the seeds fed to mergekit)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def load_state(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

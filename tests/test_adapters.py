@@ -1,0 +1,67 @@
+"""Reading PEFT adapters lazily: ΔW = B·A·α/r equals what PEFT's merge_and_unload produces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import load_state, merged_full_model, random_adapter, tiny_base
+from unmerge_core.adapters import LoraAdapter, common_modules
+from unmerge_core.errors import UnmergeError
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    base = tiny_base(root / "base")
+    adapter = random_adapter(base, root / "adapter", seed=1)
+    return root, base, adapter
+
+
+def test_delta_matches_peft_merge(base_and_adapter) -> None:
+    root, base, adapter_dir = base_and_adapter
+    merged = load_state(merged_full_model(base, adapter_dir, root / "merged"))
+    base_state = load_state(base)
+    adapter = LoraAdapter(adapter_dir)
+    assert len(adapter.module_names) == 2 * 4
+    for module in adapter.module_names:
+        expected = merged[f"{module}.weight"] - base_state[f"{module}.weight"]
+        torch.testing.assert_close(adapter.delta(module), expected, atol=1e-6, rtol=1e-4)
+
+
+def test_delta_at_equals_dense_gather(base_and_adapter) -> None:
+    _, _, adapter_dir = base_and_adapter
+    adapter = LoraAdapter(adapter_dir)
+    module = adapter.module_names[0]
+    dense = adapter.delta(module).reshape(-1)
+    idx = torch.tensor([0, 5, 17, dense.numel() - 1])
+    torch.testing.assert_close(adapter.delta_at(module, idx), dense[idx])
+
+
+def test_rslora_scale(base_and_adapter, tmp_path) -> None:
+    _, _, adapter_dir = base_and_adapter
+    copy = tmp_path / "rs"
+    copy.mkdir()
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["use_rslora"] = True
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    (copy / "adapter_model.safetensors").write_bytes((adapter_dir / "adapter_model.safetensors").read_bytes())
+    m = LoraAdapter(copy).module_names[0]
+    assert LoraAdapter(copy).scale(m) == pytest.approx(cfg["lora_alpha"] / cfg["r"] ** 0.5)
+
+
+def test_errors_are_one_line(tmp_path) -> None:
+    with pytest.raises(UnmergeError, match="not a PEFT adapter directory"):
+        LoraAdapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(UnmergeError, match="pickle"):
+        LoraAdapter(tmp_path)
+
+
+def test_common_modules_is_the_intersection(base_and_adapter) -> None:
+    _, _, adapter_dir = base_and_adapter
+    a = LoraAdapter(adapter_dir, "a")
+    assert common_modules([a, a]) == a.module_names
