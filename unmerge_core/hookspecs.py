@@ -168,7 +168,10 @@ def unmerge_metrics() -> list[PluginSpec]:
         ``evaluation`` holds the target's ground truth (``group``, ``method``, ``true_tasks``,
         ``true_weights``), the dictionary ``atom_names``, the masked ``target`` vector, the
         ``decomposition``, the masked vectors of every task (``task_vectors``) and their registry
-        ``categories``.
+        ``categories``. Metrics that act on models (causal verification) also get ``merge_job`` (how
+        the target was merged) and ``context`` (:class:`~unmerge_core.types.RunContext`: adapter
+        directories, registry entries, the mask, the run's merger, the seed and the run directory);
+        ``context`` is ``None`` when the target did not come from a run (``unmerge attribute``).
 
         Return a mapping from metric column name to value. Return ``None`` where a metric is
         undefined for this target (precision with an empty predicted support, recall of an

@@ -31,7 +31,16 @@ from .manifest import Manifest, ResolvedPlugin
 from .protocol import TargetSpec, derive_seed, generate_targets
 from .results import ResultTable, write_results
 from .store import ArtifactStore, atomic_save_tensors, atomic_write_json, content_key, load_tensors
-from .types import Decomposition, DecompositionProblem, Mask, MergeJob, TargetEvaluation, TaskInfo, TrainJob
+from .types import (
+    Decomposition,
+    DecompositionProblem,
+    Mask,
+    MergeJob,
+    RunContext,
+    TargetEvaluation,
+    TaskInfo,
+    TrainJob,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +258,9 @@ class Runner:
         vectors = self.task_vectors(adapter_dirs, mask)
         specs = generate_targets(self.m)
         targets = self.merge(specs, adapter_dirs, mask_dir)
-        table = self.decompose_and_score(specs, targets, vectors, mask)
+        context = RunContext(adapter_dirs, {t.name: t for t in self.m.all_tasks}, mask, self.m.merger.build(),
+                             self.m.seed, self.run_dir)
+        table = self.decompose_and_score(specs, targets, vectors, mask, context)
         with self._stage("report"):
             write_results(self.run_dir, table, self.m)
         self._write_timings()
@@ -315,7 +326,7 @@ class Runner:
         return {s.target_id: load_tensors(p / "target.safetensors")["vector"].numpy() for s, p in zip(specs, paths)}
 
     def decompose_and_score(self, specs: Sequence[TargetSpec], targets: dict[str, np.ndarray],
-                            vectors: dict[str, np.ndarray], mask: Mask) -> ResultTable:
+                            vectors: dict[str, np.ndarray], mask: Mask, context: RunContext | None = None) -> ResultTable:
         atom_names = tuple(t.name for t in self.m.known)
         dictionary = np.stack([vectors[a] for a in atom_names], axis=1)
         categories = {t.name: t.category for t in self.m.all_tasks}
@@ -331,10 +342,12 @@ class Runner:
             results = self.executor.map(decompose_unit, units, desc="decompose")
         with self._stage("metric", len(units)):
             by_id = {s.target_id: s for s in specs}
-            for unit, result in zip(units, results):
+            for unit, result in progress(list(zip(units, results)), desc="metrics", enabled=self.progress):
                 spec = by_id[unit.target_id]
+                job = MergeJob(spec.target_id, spec.method, spec.tasks, spec.weights, spec.seed)
                 evaluation = TargetEvaluation(spec.target_id, spec.group, spec.method, spec.tasks, spec.weights,
-                                              atom_names, targets[spec.target_id], result, vectors, categories)
+                                              atom_names, targets[spec.target_id], result, vectors, categories,
+                                              job, context)
                 values: dict[str, float | None] = {}
                 for ref, metric in metrics:
                     with plugin_errors("metric", ref.label):

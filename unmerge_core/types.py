@@ -224,6 +224,28 @@ class Decomposition:
 
 
 @dataclass(frozen=True)
+class RunContext:
+    """What a run knows beyond masked vectors; for metrics that act on models (causal verification).
+
+    Attributes:
+        adapter_dirs: Task name -> PEFT adapter directory, for every task of the run.
+        tasks: Task name -> registry entry (data source for held-out evaluation).
+        mask: The mask the vectors were taken on.
+        merger: The merger object of the run; ``merger.merge_module(job, module, deltas)`` recomputes
+            a target's full ΔW module by module.
+        seed: The manifest's seed.
+        run_dir: The run directory (for metric artifacts).
+    """
+
+    adapter_dirs: Mapping[str, Path]
+    tasks: Mapping[str, TaskInfo]
+    mask: Mask
+    merger: Any
+    seed: int
+    run_dir: Path
+
+
+@dataclass(frozen=True)
 class TargetEvaluation:
     """Everything a metric may look at for one (target, decomposer) pair.
 
@@ -238,6 +260,8 @@ class TargetEvaluation:
         decomposition: The decomposer's answer.
         task_vectors: Masked vectors of every task of the run (dictionary and unknown), by name.
         categories: Registry category of every task of the run, by name.
+        merge_job: The job that formed the target (method, weights, seed), when the run made it.
+        context: Paths and objects of the run, for metrics that need models (may be ``None``).
     """
 
     target_id: str
@@ -250,6 +274,8 @@ class TargetEvaluation:
     decomposition: Decomposition
     task_vectors: Mapping[str, np.ndarray]
     categories: Mapping[str, str]
+    merge_job: MergeJob | None = None
+    context: RunContext | None = None
 
     @property
     def known_true_tasks(self) -> tuple[str, ...]:

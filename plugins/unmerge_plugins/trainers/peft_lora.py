@@ -46,7 +46,7 @@ class PeftLoraTrainer:
 
     def base_path(self, workspace: Path) -> str:
         if self.params.tiny is not None:
-            return str(build_tiny_model(workspace / "tiny-base", self.params.tiny))
+            return str(build_tiny_model(workspace / "tiny-base", self.params.tiny).resolve())
         assert self.params.base_model is not None
         return self.params.base_model
 
