@@ -54,6 +54,9 @@ class PeftLoraTrainer:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         from ..tasks import load_examples
 

@@ -1,0 +1,127 @@
+"""End to end with the synthetic trainer (seconds): outputs, reuse of artifacts, plugin failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import types
+
+import numpy as np
+import pytest
+
+from unmerge_core import Decomposition, NoParams, PluginSpec, Stage, hookimpl
+from unmerge_core.errors import PluginError
+from unmerge_core.manager import PluginManager
+from unmerge_core.manifest import load_manifest
+from unmerge_core.runner import Runner
+
+
+def run(path, manager=None):
+    return Runner(load_manifest(path, manager), progress=False, echo=lambda s: None).run()
+
+
+def test_synthetic_run_writes_every_result_file(write_manifest) -> None:
+    result = run(write_manifest())
+    d = result.run_dir
+    for name in ("summary.csv", "summary.md", "summary.json", "per_target.csv", "per_target.json",
+                 "timings.json", "targets.json", "adapters.json", "task_vectors.safetensors", "manifest.toml"):
+        assert (d / name).is_file(), name
+    rows = list(csv.DictReader((d / "summary.csv").open()))
+    # 2 decomposers × 3 groups × 4 methods
+    assert len(rows) == 24
+    assert {r["group"] for r in rows} == {"known", "mixed", "unknown"}
+    # undefined metrics are empty cells, not zeros
+    unknown = [r for r in rows if r["group"] == "unknown"]
+    assert all(r["precision"] == "" and r["recall"] == "" for r in unknown)
+    targets = json.loads((d / "targets.json").read_text())
+    assert len(targets) == 12 and all(len(t["tasks"]) == len(t["weights"]) for t in targets)
+    stages = [t["stage"] for t in json.loads((d / "timings.json").read_text())]
+    assert stages[:2] == ["trainer", "masker"]
+
+
+def test_known_linear_targets_are_recovered_exactly(write_manifest) -> None:
+    table = run(write_manifest()).table
+    for row in table.rows:
+        if row.decomposer == "nnls" and row.group == "known" and row.method in ("linear", "task_arithmetic"):
+            assert row.metrics["precision"] == 1.0 and row.metrics["recall"] == 1.0
+            assert row.metrics["recon_error"] < 1e-8
+
+
+def test_rerun_reuses_artifacts_and_adding_a_decomposer_does_not_retrain(write_manifest) -> None:
+    path = write_manifest()
+    first = run(path)
+    adapters = sorted((first.run_dir / "cache" / "adapters").iterdir())
+    mtimes = [p.stat().st_mtime_ns for p in adapters]
+    path2 = write_manifest(**{'[[decomposers]]\nplugin = "lasso"': '[[decomposers]]\nplugin = "lasso"\n[[decomposers]]\nplugin = "omp"'})
+    second = run(path2)
+    timings = {t.stage: t for t in second.timings}
+    assert timings["trainer"].reused == timings["trainer"].jobs == 7
+    assert timings["merger"].reused == timings["merger"].jobs == 12
+    assert [p.stat().st_mtime_ns for p in sorted((second.run_dir / "cache" / "adapters").iterdir())] == mtimes
+    assert {r.decomposer for r in second.table.rows} == {"nnls", "lasso", "omp"}
+
+
+def test_crash_keeps_finished_work(write_manifest, monkeypatch) -> None:
+    import unmerge_core.runner as runner_mod
+
+    path = write_manifest()
+    calls = {"n": 0}
+    real = runner_mod.merge_unit
+
+    def flaky(unit):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(unit)
+
+    monkeypatch.setattr(runner_mod, "merge_unit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(path)
+    monkeypatch.setattr(runner_mod, "merge_unit", real)
+    result = run(path)
+    timings = {t.stage: t for t in result.timings}
+    assert timings["trainer"].reused == 7
+    assert timings["merger"].reused == 4  # the four targets finished before the crash
+    leftovers = [p for p in (result.run_dir / "cache" / "targets").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_same_seed_same_results(write_manifest, tmp_path) -> None:
+    a = run(write_manifest())
+    b = run(write_manifest(**{str(tmp_path / "runs"): str(tmp_path / "runs2")}))
+    assert (a.run_dir / "per_target.csv").read_text() == (b.run_dir / "per_target.csv").read_text()
+
+
+class _BadDecomposer:
+    def __init__(self, params) -> None: ...
+
+    mode = "raise"
+
+    def decompose(self, problem):
+        n = problem.dictionary.shape[1]
+        if self.mode == "raise":
+            raise ValueError("solver exploded")
+        if self.mode == "short":
+            return Decomposition(np.zeros(n - 1), problem.target * 0)
+        return Decomposition(np.full(n, np.nan), problem.target * 0)
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("raise", "decomposer plugin 'bad': raised ValueError: solver exploded"),
+    ("short", "decomposer plugin 'bad': returned 4 coefficients for 5 atoms"),
+    ("nan", "decomposer plugin 'bad': returned NaN or inf"),
+])
+def test_misbehaving_decomposer_is_named(write_manifest, mode: str, message: str, monkeypatch) -> None:
+    monkeypatch.setattr(_BadDecomposer, "mode", mode)
+
+    @hookimpl
+    def unmerge_decomposers():
+        return [PluginSpec("bad", Stage.DECOMPOSER, "misbehaves", "https://example.org", NoParams, _BadDecomposer)]
+
+    pm = PluginManager()
+    pm.register(types.SimpleNamespace(unmerge_decomposers=unmerge_decomposers), name="bad-plugin")
+    path = write_manifest(**{'plugin = "lasso"': 'plugin = "bad"'})
+    with pytest.raises(PluginError) as info:
+        run(path, pm)
+    assert message in str(info.value)
+    assert info.value.stage == "decomposer" and info.value.plugin == "bad"
