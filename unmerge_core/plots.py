@@ -1,0 +1,87 @@
+"""PNG plots next to the tables (needs the optional ``plots`` extra: matplotlib).
+
+- ``precision_recall.png``: precision and recall per decomposer, one panel per group × metric, bars
+  per merge method. Undefined cells are left empty (never drawn as zero).
+- ``coefficients_<decomposer>.png``: per target (rows), true merge weights and recovered coefficients
+  over the dictionary atoms (columns), side by side; unknown-only targets show their (all-zero) truth.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .results import ResultTable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_plots(run_dir: Path, table: ResultTable) -> list[Path]:
+    if not table.rows:
+        return []
+    paths = [precision_recall_plot(run_dir / "precision_recall.png", table)]
+    for decomposer in dict.fromkeys(r.decomposer for r in table.rows):
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", decomposer)
+        paths.append(coefficient_heatmap(run_dir / f"coefficients_{safe}.png", table, decomposer))
+    return paths
+
+
+def precision_recall_plot(path: Path, table: ResultTable) -> Path:
+    summary = table.summary()
+    decomposers = list(dict.fromkeys(r["decomposer"] for r in summary))
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    groups = [g for g in ("known", "mixed") if any(r["group"] == g for r in summary)]
+    metrics = ["precision", "recall"]
+    if not groups:
+        groups = ["unknown"]
+        metrics = ["sparsity"]
+    fig, axes = plt.subplots(len(groups), len(metrics), figsize=(5.5 * len(metrics), 3.2 * len(groups)),
+                             squeeze=False, sharey=metrics != ["sparsity"])
+    width = 0.8 / max(len(methods), 1)
+    x = np.arange(len(decomposers))
+    for gi, group in enumerate(groups):
+        for mi, metric in enumerate(metrics):
+            ax = axes[gi][mi]
+            for k, method in enumerate(methods):
+                values = []
+                for d in decomposers:
+                    cell = [r for r in summary if r["decomposer"] == d and r["group"] == group and r["method"] == method]
+                    v = cell[0].get(metric) if cell else None
+                    values.append(np.nan if v is None else v)
+                ax.bar(x + (k - (len(methods) - 1) / 2) * width, values, width, label=method)
+            ax.set_title(f"{metric} — {group} targets")
+            ax.set_xticks(x, decomposers, rotation=30, ha="right", fontsize=8)
+            if metric != "sparsity":
+                ax.set_ylim(0, 1.05)
+                ax.axhline(0.9, color="grey", lw=0.6, ls="--")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def coefficient_heatmap(path: Path, table: ResultTable, decomposer: str) -> Path:
+    rows = [r for r in table.rows if r.decomposer == decomposer]
+    atoms = list(table.atom_names)
+    truth = np.array([[dict(zip(r.true_tasks, r.true_weights)).get(a, 0.0) for a in atoms] for r in rows])
+    found = np.array([r.coefficients for r in rows])
+    vmax = float(max(np.abs(truth).max(initial=0), np.abs(found).max(initial=0), 1e-12))
+    height = max(3.0, 0.16 * len(rows) + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.45 * len(atoms) * 2, height), sharey=True)
+    for ax, data, title in ((axes[0], truth, "true weights"), (axes[1], found, f"{decomposer} coefficients")):
+        im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        ax.set_xticks(range(len(atoms)), atoms, rotation=60, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_yticks(range(len(rows)), [r.target_id for r in rows], fontsize=5)
+    fig.colorbar(im, ax=axes, shrink=0.6)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
