@@ -125,3 +125,70 @@ def test_misbehaving_decomposer_is_named(write_manifest, mode: str, message: str
         run(path, pm)
     assert message in str(info.value)
     assert info.value.stage == "decomposer" and info.value.plugin == "bad"
+
+
+def test_hand_registered_plugins_for_every_stage_run_end_to_end(write_manifest) -> None:
+    """One tiny implementation per hook, registered without an entry point, wired by name."""
+    import torch
+    from safetensors.torch import save_file
+
+    from unmerge_core import Mask
+    from unmerge_core.types import MetricValue
+
+    class ConstTrainer:
+        def __init__(self, params) -> None: ...
+
+        def train(self, job) -> None:
+            g = torch.Generator().manual_seed(job.seed)
+            tensors = {"base_model.model.m.lora_A.weight": torch.randn(2, 6, generator=g),
+                       "base_model.model.m.lora_B.weight": torch.randn(5, 2, generator=g)}
+            save_file(tensors, str(job.output_dir / "adapter_model.safetensors"))
+            (job.output_dir / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 2}')
+
+    class SumMerger:
+        methods = ("sum",)
+
+        def __init__(self, params) -> None: ...
+
+        def merge_module(self, job, module, deltas):
+            return sum(w * d for w, d in zip(job.weights, deltas))
+
+    class AllMasker:
+        def __init__(self, params) -> None: ...
+
+        def build_mask(self, adapters):
+            return Mask({"m": np.arange(30)}, {"m": (5, 6)})
+
+    class CountMetric:
+        def __init__(self, params) -> None: ...
+
+        def compute(self, evaluation) -> dict[str, MetricValue]:
+            return {"n_true": float(len(evaluation.true_tasks))}
+
+    def spec(name, stage, factory):
+        return [PluginSpec(name, stage, "hand-made", "https://example.org", NoParams, factory)]
+
+    plugin = types.SimpleNamespace(
+        unmerge_trainers=hookimpl(lambda: spec("const", Stage.TRAINER, ConstTrainer)),
+        unmerge_mergers=hookimpl(lambda: spec("sum", Stage.MERGER, SumMerger)),
+        unmerge_maskers=hookimpl(lambda: spec("all", Stage.MASKER, AllMasker)),
+        unmerge_metrics=hookimpl(lambda: spec("count", Stage.METRIC, CountMetric)),
+    )
+    pm = PluginManager()
+    pm.register(plugin, name="hand-made")
+    path = write_manifest(**{
+        'plugin = "synthetic"': 'plugin = "const"',
+        'params = { module_shapes = { "layers.0.q" = [24, 32], "layers.0.k" = [8, 32], "layers.1.q" = [24, 32] }, '
+        'rank = 6, shared = 0.3 }': "",
+        'plugin = "mergekit"': 'plugin = "sum"',
+        'plugin = "topk"\nparams = { budget = 300 }': 'plugin = "all"',
+        "targets_per_group = 4": 'targets_per_group = 2\nmethods = ["sum"]',
+        "[output]": '[[metrics]]\nplugin = "count"\n[output]',
+    })
+    result = run(path, pm)
+    assert {r.method for r in result.table.rows} == {"sum"}
+    assert all(r.metrics["n_true"] == len(r.true_tasks) for r in result.table.rows)
+    known = [r for r in result.table.rows if r.decomposer == "nnls" and r.group == "known"]
+    for row in known:  # the sum of known atoms is recovered by NNLS
+        truth = dict(zip(row.true_tasks, row.true_weights))
+        assert np.allclose(row.coefficients, [truth.get(a, 0) for a in result.table.atom_names], atol=1e-6)
