@@ -93,3 +93,14 @@ def test_threshold_zero_keeps_the_nnls_support(world) -> None:
     p = problem(world, [1, 5], [0, 2, 3])
     out = NnlsSelect(NnlsSelectParams(min_unique_energy=0.0)).decompose(p)
     assert out.support.sum() == PaperNnls(PaperNnlsParams()).decompose(p).support.sum()
+
+
+def test_omp_is_scale_invariant(world) -> None:
+    """Regression: scikit-learn's OMP stops on an absolute tolerance; tiny ΔW changed its support."""
+    from unmerge_plugins.decomposers.linear_models import Omp, OmpParams
+
+    p = problem(world, [1, 4, 6], [0])
+    small = DecompositionProblem(p.dictionary * 1e-4, p.target * 1e-4, p.atom_names, p.groups)
+    a = Omp(OmpParams()).decompose(p)
+    b = Omp(OmpParams()).decompose(small)
+    np.testing.assert_allclose(a.coefficients, b.coefficients, rtol=1e-6, atol=1e-12)

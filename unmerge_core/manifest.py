@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from packaging.requirements import InvalidRequirement, Requirement
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UnmergeError
 from .manager import PluginManager, format_validation_error, validate_params
+from .per_layer import PerLayerDecomposer, PerLayerOptions
 from .registry import Registry
+from .targets import ExternalTarget, check_manifest_targets
 from .types import PluginParams, PluginSpec, TaskInfo
 
 GROUPS = ("known", "mixed", "unknown")
@@ -40,6 +42,29 @@ class PluginRef(_Strict):
     @property
     def display(self) -> str:
         return self.label or self.plugin
+
+
+class DecomposerRef(PluginRef):
+    """A decomposer entry; ``per_layer = true`` (or a table of :class:`PerLayerOptions`) runs it per layer."""
+
+    per_layer: PerLayerOptions | None = None
+
+    @field_validator("per_layer", mode="before")
+    @classmethod
+    def _per_layer_flag(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # ``true``: default options; ``false``: off
+            return {} if value else None
+        return value
+
+    @property
+    def per_layer_options(self) -> PerLayerOptions | None:
+        return self.per_layer
+
+    @property
+    def display(self) -> str:
+        if self.label:
+            return self.label
+        return f"{self.plugin}/per-layer" if self.per_layer_options else self.plugin
 
 
 class TaskSelection(_Strict):
@@ -102,9 +127,11 @@ class ManifestFile(_Strict):
     trainer: PluginRef
     merger: PluginRef
     masker: PluginRef
-    decomposers: list[PluginRef] = Field(min_length=1)
+    decomposers: list[DecomposerRef] = Field(min_length=1)
     metrics: list[PluginRef] = Field(default_factory=lambda: [PluginRef(plugin=n) for n in DEFAULT_METRICS])
     output: Output = Field(default_factory=Output)
+    base: str | None = Field(None, description="base model directory, for full-model [[targets]]")
+    targets: list[ExternalTarget] = Field(default_factory=list, description="existing models or adapters to attribute")
 
     @model_validator(mode="after")
     def _labels_unique(self) -> ManifestFile:
@@ -127,13 +154,18 @@ class ResolvedPlugin:
     params: PluginParams
     distribution: str
     version: str
+    per_layer: PerLayerOptions | None = None
 
     def build(self) -> Any:
-        return self.spec.factory(self.params)
+        built = self.spec.factory(self.params)
+        return PerLayerDecomposer(built, self.per_layer) if self.per_layer is not None else built
 
     def config(self) -> dict[str, Any]:
         """What identifies this plugin's work for caching."""
-        return {"plugin": self.spec.name, "params": self.params.model_dump(mode="json")}
+        out: dict[str, Any] = {"plugin": self.spec.name, "params": self.params.model_dump(mode="json")}
+        if self.per_layer is not None:
+            out["per_layer"] = self.per_layer.model_dump(mode="json")
+        return out
 
 
 @dataclass(frozen=True)
@@ -190,6 +222,7 @@ def load_manifest(path: str | Path, manager: PluginManager | None = None) -> Man
     known = _lookup_tasks(path, registry, "tasks.known", file.tasks.known, errors)
     unknown = _lookup_tasks(path, registry, "tasks.unknown", file.tasks.unknown, errors)
     _check_protocol(path, file, errors)
+    check_manifest_targets(path, file, [*file.tasks.known, *file.tasks.unknown], errors)
 
     def resolve(stage: str, ref: PluginRef, where: str) -> ResolvedPlugin | None:
         try:
@@ -198,7 +231,8 @@ def load_manifest(path: str | Path, manager: PluginManager | None = None) -> Man
         except UnmergeError as exc:
             errors.append(str(exc))
             return None
-        return ResolvedPlugin(ref.display, installed.spec, params, installed.distribution, installed.version)
+        return ResolvedPlugin(ref.display, installed.spec, params, installed.distribution, installed.version,
+                              ref.per_layer_options if isinstance(ref, DecomposerRef) else None)
 
     trainer = resolve("trainer", file.trainer, "trainer")
     merger = resolve("merger", file.merger, "merger")

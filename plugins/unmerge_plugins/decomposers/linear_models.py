@@ -75,7 +75,7 @@ class Lasso:
         alpha_max = float(np.abs(ds.T @ ys).max()) / max(len(ys), 1)
         alpha = max(alpha_max * self.params.alpha_ratio, 1e-300)
         model = SkLasso(alpha=alpha, positive=self.params.positive, fit_intercept=False,
-                        max_iter=self.params.max_iter, tol=self.params.tol)
+                        max_iter=self.params.max_iter, tol=self.params.tol, precompute=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.fit(ds, ys)
@@ -101,6 +101,8 @@ class Omp:
         norms = np.linalg.norm(d, axis=0)
         norms[norms == 0] = 1.0
         dn = d / norms
+        y_norm = float(np.linalg.norm(y)) or 1.0
+        y = y / y_norm  # scikit-learn's stopping rule is absolute: work at unit scale
         kwargs: dict[str, object] = {"fit_intercept": False}
         if self.params.n_nonzero_coefs is not None:
             kwargs["n_nonzero_coefs"] = min(self.params.n_nonzero_coefs, n_atoms)
@@ -110,7 +112,7 @@ class Omp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.fit(dn, y)
-        return _result(problem, model.coef_ / norms)
+        return _result(problem, model.coef_ / norms * y_norm)
 
 
 class RidgeParams(PluginParams):
