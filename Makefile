@@ -24,5 +24,12 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q
 
+# Paper scale on this machine (minutes; not part of `make test`): the 7B-shaped run end to end, its
+# floor, and the fast merge path against mergekit's dense route. Results in bench-results/.
+bench: install
+	$(BIN)/python benchmarks/paper_scale.py $(BENCH_ARGS)
+	# peak memory of `unmerge attribute` on a 7B-shaped sharded checkpoint (fails above 3 GB)
+	$(BIN)/python benchmarks/attribute_memory.py
+
 clean:
 	rm -rf runs .pytest_cache

@@ -65,3 +65,20 @@ def test_common_modules_is_the_intersection(base_and_adapter) -> None:
     _, _, adapter_dir = base_and_adapter
     a = LoraAdapter(adapter_dir, "a")
     assert common_modules([a, a]) == a.module_names
+
+
+def test_fan_in_fan_out_adapters_are_transposed(base_and_adapter, tmp_path) -> None:
+    """Regression: GPT-2-style (Conv1D) adapters store the base weight as (in, out); ΔW = (B·A)ᵀ."""
+    _, _, adapter_dir = base_and_adapter
+    copy = tmp_path / "fifo"
+    copy.mkdir()
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = True
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    (copy / "adapter_model.safetensors").write_bytes((adapter_dir / "adapter_model.safetensors").read_bytes())
+    plain, fifo = LoraAdapter(adapter_dir), LoraAdapter(copy)
+    module = next(m for m in plain.module_names if "k_proj" in m)  # not square: (16, 32)
+    assert fifo.shapes[module] == tuple(reversed(plain.shapes[module]))
+    torch.testing.assert_close(fifo.delta(module), plain.delta(module).T)
+    idx = torch.tensor([0, 3, 40])
+    torch.testing.assert_close(fifo.delta_at(module, idx), fifo.delta(module).reshape(-1)[idx])

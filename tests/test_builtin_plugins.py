@@ -154,6 +154,8 @@ def test_reconstruction_error_definition() -> None:
     assert reconstruction_error(y, -y) == pytest.approx(1.0)  # max(0, cos)
     assert reconstruction_error(y, np.array([1.0, 1.0])) == pytest.approx(0.5)
     assert reconstruction_error(y, np.zeros(2)) == 1.0
+    v = np.array([0.1, 0.7, 0.3]) / 3.0  # regression: cos rounds to 1 + 2e-16 here, error was -4e-16
+    assert reconstruction_error(v, v * 1e-3) >= 0.0
     assert ReconstructionMetric(None).compute(evaluation("known", [0.5, 0.5, 0, 0]))["recon_error"] < 1e-12
 
 

@@ -1,4 +1,4 @@
-"""The ``unmerge`` command line: ``run``, ``validate`` and ``plugins``."""
+"""The ``unmerge`` command line: ``run``, ``validate``, ``plugins`` and ``attribute``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     plugins.add_argument("--registry", help="registry.toml to read with --available")
     plugins.add_argument("--strict", action="store_true", help="fail if a plugin cannot be loaded")
     plugins.set_defaults(func=_cmd_plugins)
+
+    _add_attribute_parser(sub)
     return parser
 
 
@@ -72,12 +74,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         manifest.file.output.dir = args.output_dir
     print(f"unmerge: running {manifest.name} -> {manifest.run_dir}", file=sys.stderr)
     result = Runner(manifest, progress=not args.no_progress and sys.stderr.isatty() or bool(os.environ.get("UNMERGE_PROGRESS"))).run()
-    print(format_table(result.table.summary()))
+    print(format_table(compact(result.table.summary())))
     print()
-    timing_rows = [[t.stage, f"{t.seconds:.1f}", f"{t.peak_rss_mb:.0f}", t.jobs, t.reused] for t in result.timings]
-    print(tabulate(timing_rows, headers=["stage", "wall s", "peak RSS MB", "jobs", "reused"], disable_numparse=True))
+    timing_rows = [[t.stage, f"{t.seconds:.1f}", f"{t.cpu_seconds:.1f}", f"{t.peak_rss_mb:.0f}", t.jobs, t.reused]
+                   for t in result.timings]
+    print(tabulate(timing_rows, headers=["stage", "wall s", "cpu s", "peak RSS MB", "jobs", "reused"],
+                   disable_numparse=True))
     print(f"\nresults written to {result.run_dir} (summary.md, summary.csv, per_target.csv, timings.json)")
     return 0
+
+
+SCREEN_COLUMNS = ("decomposer", "group", "method", "n", "precision", "recall", "perfect_match", "sparsity",
+                  "recon_error", "ood_flag", "causal_confirmed")
+
+
+def compact(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The columns that fit a terminal; summary.md / summary.csv keep every metric."""
+    return [{k: r[k] for k in SCREEN_COLUMNS if k in r} for r in records]
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -93,7 +106,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             for line in str(exc).splitlines():
                 print(f"error: {line}", file=sys.stderr)
             continue
-        n_targets = len(m.protocol.groups) * m.protocol.targets_per_group
+        n_targets = len(m.protocol.groups) * m.protocol.targets_per_group + len(m.file.targets)
         print(f"{path}: ok ({len(m.known)} known + {len(m.unknown)} unknown tasks, {n_targets} targets, "
               f"{len(m.decomposers)} decomposers)")
     return 2 if failed else 0
@@ -136,6 +149,51 @@ def _available(args: argparse.Namespace, have: set[tuple[str, str]]) -> list[dic
         out.append({"name": name, "stage": entry.stage, "distribution": entry.distribution, "version": None,
                     "summary": entry.summary, "installed": False})
     return out
+
+
+
+def _add_attribute_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "attribute", help="attribute existing merged models or adapters to a dictionary of adapters",
+        description="Decompose each TARGET (a full model directory, or a PEFT adapter directory) over the "
+                    "dictionary adapters; print a table and write attribution.{json,md,csv}.")
+    p.add_argument("targets", nargs="+", metavar="[NAME=]TARGET", help="model or adapter directory to attribute")
+    p.add_argument("--base", help="base model directory (needed for full-model targets)")
+    p.add_argument("--dictionary", help="folder with one PEFT adapter sub-folder per atom (atom = folder name)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="add one dictionary atom (repeatable)")
+    p.add_argument("--kind", choices=["auto", "model", "adapter"], default="auto", help="what the targets are")
+    p.add_argument("--masker", default="topk", help="masker plugin (default: topk)")
+    p.add_argument("--budget", type=int, help="masker budget: total masked coordinates (topk default: 99904)")
+    p.add_argument("--aggregate", help="masker aggregate of |ΔW| over the dictionary (topk: max, mean or l2)")
+    p.add_argument("--decomposer", action="append", metavar="NAME",
+                   help="decomposer plugin (repeatable; default: nnls)")
+    p.add_argument("--metric", action="append", metavar="NAME",
+                   help="metric plugin used when ground truth is given (repeatable; default: support, reconstruction)")
+    p.add_argument("--param", action="append", metavar="NAME.KEY=VALUE",
+                   help="plugin parameter; NAME is 'masker', a decomposer or a metric; VALUE is JSON or a string")
+    p.add_argument("--truth", action="append", metavar="[TARGET=]YAML",
+                   help="ground truth from a mergekit YAML models: list (repeatable, one per target)")
+    p.add_argument("--truth-json", action="append", metavar="[TARGET=]JSON",
+                   help='ground truth {"tasks": [...], "weights": [...]} inline or as a file')
+    p.add_argument("--support-threshold", type=float, default=1e-3,
+                   help="|coefficient| above this is attributed, for decomposers without their own support")
+    p.add_argument("--ood-threshold", type=float, default=0.5,
+                   help="out-of-dictionary when recon_error exceeds this, for decomposers without a verdict")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model.bin checkpoints (with torch.load(weights_only=True))")
+    p.add_argument("--name", help="run name (default: the target's name)")
+    p.add_argument("--output-dir", help="where to write the report (default: runs/attribute-<name>)")
+    p.add_argument("--seed", type=int, default=0, help="seed for randomised decomposers")
+    p.set_defaults(func=_cmd_attribute)
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from .attribute import format_reports, request_from_args, run_attribute
+
+    result = run_attribute(request_from_args(args))
+    print(format_reports(result.reports))
+    print(f"\nreport written to {result.run_dir} (attribution.json, attribution.md, attribution.csv)")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -97,6 +97,37 @@ def unmerge_mergers() -> list[PluginSpec]:
 
         Modules are processed one at a time, so memory never holds more than one module per
         constituent.
+
+        **Optional fast path (masked coordinates only).** The runner only ever keeps a target on
+        the mask. A merger whose methods are element-wise once each task vector's own
+        sparsification is known (weighted sums, TIES, DARE) may skip dense modules entirely by
+        also providing::
+
+            masked_methods: Collection[str]      # methods with a masked form (may be empty)
+            statistics_methods: Collection[str]  # those needing per-(task, module) statistics
+            def statistics_config(self) -> dict  # what the statistics depend on (cache key)
+            def module_statistics(self, delta: torch.Tensor, module: str) -> dict[str, float]
+            def merge_masked(self, job: MergeJob, module: str, flat_indices: np.ndarray,
+                             values: Sequence[np.ndarray],
+                             statistics: Sequence[Mapping[str, float] | None]) -> np.ndarray
+
+        For a target whose ``job.method`` is in ``masked_methods`` the runner calls
+        ``merge_masked`` once per mask module instead of ``merge_module``: ``flat_indices`` are the
+        mask's sorted row-major indices into the module, ``values[i]`` the float64 ΔW of
+        ``job.tasks[i]`` at those indices, and ``statistics[i]`` what ``module_statistics``
+        returned for that task and module (``None`` when the method needs none or the adapter
+        lacks the module). Return the target's float64 values at ``flat_indices``; they must equal
+        the dense ``merge_module`` result gathered at the mask (up to float rounding; for random
+        methods, document how the draw is made and keep it a function of ``job.seed``).
+
+        ``module_statistics`` receives one task's dense float32 ΔW of one module (a reused
+        buffer: do not keep a reference) and returns a small JSON-serialisable mapping (a
+        magnitude threshold, a norm). The runner calls it once per (task, module) for the tasks
+        of targets whose method is in ``statistics_methods``, caches the result in the run's
+        artifact store under a key made of the adapter and ``statistics_config()``, and reuses it
+        for every target containing the task. The runner computes statistics on several
+        threads, so it must not mutate shared state. Methods outside ``masked_methods`` (and
+        every method when a merger has no ``merge_masked``) take the dense path above.
     """
 
 

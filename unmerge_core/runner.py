@@ -28,6 +28,15 @@ from .adapters import LoraAdapter
 from .errors import PluginError, UnmergeError
 from .executor import Executor, SequentialExecutor, progress
 from .manifest import Manifest, ResolvedPlugin
+from .masked_merge import (
+    StatisticsUnit,
+    masked_target,
+    needs_statistics,
+    statistics_key,
+    statistics_unit,
+    supports_masked,
+)
+from .parallel import blas_threads
 from .protocol import TargetSpec, derive_seed, generate_targets
 from .results import ResultTable, write_results
 from .store import ArtifactStore, atomic_save_tensors, atomic_write_json, content_key, load_tensors
@@ -84,35 +93,50 @@ class MergeUnit:
     adapter_dirs: tuple[Path, ...]
     mask_dir: Path
     store_root: Path
+    # fast path (masked_merge): the run's masked task vectors and, per constituent, its statistics
+    vectors_path: Path | None = None
+    statistics_dirs: tuple[Path | None, ...] = ()
 
 
 def merge_unit(unit: MergeUnit) -> Path:
-    """Form one target's task vector on the mask coordinates, module by module."""
+    """Form one target's task vector on the mask coordinates, module by module.
+
+    Fast path when the merger supports the method on masked coordinates (and the unit carries the
+    task vectors); otherwise the dense path: each constituent's ΔW module, merged, then gathered.
+    """
     store = ArtifactStore(unit.store_root)
 
     def build(tmp: Path) -> None:
         merger = unit.plugin.build()
         mask = load_mask(unit.mask_dir)
-        adapters = [LoraAdapter(p, name) for p, name in zip(unit.adapter_dirs, unit.spec.tasks)]
         job = MergeJob(unit.spec.target_id, unit.spec.method, unit.spec.tasks, unit.spec.weights, unit.spec.seed)
-        pieces = []
-        for module, idx in mask.indices.items():
-            shape = mask.shapes[module]
-            deltas = [a.delta(module) if module in a.modules else torch.zeros(shape) for a in adapters]
-            with plugin_errors("merger", unit.plugin.label):
-                merged = merger.merge_module(job, module, deltas)
-            if tuple(merged.shape) != tuple(shape):
-                raise PluginError("merger", unit.plugin.label,
-                                  f"returned shape {tuple(merged.shape)} for {module}, expected {shape}")
-            pieces.append(merged.reshape(-1).to(torch.float64)[torch.from_numpy(idx)])
-            del deltas, merged
-        vector = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
+        if unit.vectors_path is not None and supports_masked(merger, job.method):
+            vector = torch.from_numpy(masked_target(merger, job, mask, unit.vectors_path, unit.statistics_dirs,
+                                                    unit.plugin.label))
+        else:
+            vector = _dense_target(unit, merger, mask, job)
         if not torch.isfinite(vector).all():
             raise PluginError("merger", unit.plugin.label, f"target {unit.spec.target_id} has NaN or inf")
         atomic_save_tensors(tmp / "target.safetensors", {"vector": vector})
         atomic_write_json(tmp / "target.json", unit.spec.as_dict())
 
     return store.produce("targets", unit.key, build, {"target": unit.spec.target_id})
+
+
+def _dense_target(unit: MergeUnit, merger: Any, mask: Mask, job: MergeJob) -> torch.Tensor:
+    adapters = [LoraAdapter(p, name) for p, name in zip(unit.adapter_dirs, unit.spec.tasks)]
+    pieces = []
+    for module, idx in mask.indices.items():
+        shape = mask.shapes[module]
+        deltas = [a.delta(module) if module in a.modules else torch.zeros(shape) for a in adapters]
+        with plugin_errors("merger", unit.plugin.label):
+            merged = merger.merge_module(job, module, deltas)
+        if tuple(merged.shape) != tuple(shape):
+            raise PluginError("merger", unit.plugin.label,
+                              f"returned shape {tuple(merged.shape)} for {module}, expected {shape}")
+        pieces.append(merged.reshape(-1).to(torch.float64)[torch.from_numpy(idx)])
+        del deltas, merged
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -191,7 +215,7 @@ def masked_vector(adapter: LoraAdapter, mask: Mask) -> np.ndarray:
     parts = []
     for module, idx in mask.indices.items():
         if module in adapter.modules:
-            parts.append(adapter.delta_at(module, torch.from_numpy(np.asarray(idx))).double().numpy())
+            parts.append(adapter.values_at(module, np.asarray(idx)))
         else:
             parts.append(np.zeros(len(idx)))
     return np.concatenate(parts) if parts else np.zeros(0)
@@ -209,6 +233,7 @@ class StageTiming:
     peak_rss_mb: float
     jobs: int
     reused: int
+    cpu_seconds: float = 0.0  # user + system CPU of this process during the stage (all threads)
 
 
 @dataclass
@@ -245,9 +270,10 @@ class Runner:
 
     @contextmanager
     def _stage(self, name: str, jobs: int = 0, reused: int = 0) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         yield
-        self.timings.append(StageTiming(name, time.perf_counter() - start, _peak_rss_mb(), jobs, reused))
+        self.timings.append(StageTiming(name, time.perf_counter() - start, _peak_rss_mb(), jobs, reused,
+                                        time.process_time() - cpu_start))
 
     def run(self) -> RunResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -261,6 +287,9 @@ class Runner:
         context = RunContext(adapter_dirs, {t.name: t for t in self.m.all_tasks}, mask, self.m.merger.build(),
                              self.m.seed, self.run_dir)
         table = self.decompose_and_score(specs, targets, vectors, mask, context)
+        from .attribute import score_external_targets  # manifest [[targets]]; lazy: attribute imports runner
+
+        score_external_targets(self, table, vectors, mask, context)
         with self._stage("report"):
             write_results(self.run_dir, table, self.m)
         self._write_timings()
@@ -313,17 +342,36 @@ class Runner:
         return vectors
 
     def merge(self, specs: Sequence[TargetSpec], adapter_dirs: dict[str, Path], mask_dir: Path) -> dict[str, np.ndarray]:
+        vectors_path = self.run_dir / "task_vectors.safetensors"
+        fast = vectors_path.is_file()
+        stats = self.merge_statistics(specs, adapter_dirs, mask_dir) if fast else {}
         units = []
         for spec in specs:
             key = content_key("target", self.m.merger.config(), spec.as_dict(),
                               [self.adapter_key(self._task(t)) for t in spec.tasks], mask_dir.name)
             units.append(MergeUnit(self.m.merger, spec, key, tuple(adapter_dirs[t] for t in spec.tasks),
-                                   mask_dir, self.run_dir))
+                                   mask_dir, self.run_dir, vectors_path if fast else None,
+                                   tuple(stats.get(t) for t in spec.tasks)))
         reused = sum(self.store.exists("targets", u.key) for u in units)
         with self._stage("merger", len(units), reused):
             paths = self.executor.map(merge_unit, units, desc=f"merge ({self.m.merger.label})")
         atomic_write_json(self.run_dir / "targets.json", [s.as_dict() for s in specs])
         return {s.target_id: load_tensors(p / "target.safetensors")["vector"].numpy() for s, p in zip(specs, paths)}
+
+    def merge_statistics(self, specs: Sequence[TargetSpec], adapter_dirs: dict[str, Path],
+                         mask_dir: Path) -> dict[str, Path]:
+        """Fast path, step 1: per-(task, module) statistics of the tasks whose targets need them."""
+        merger = self.m.merger.build()
+        tasks = sorted({t for s in specs if needs_statistics(merger, s.method) for t in s.tasks})
+        if not tasks:
+            return {}
+        units = [StatisticsUnit(self.m.merger, t, adapter_dirs[t],
+                                statistics_key(self.adapter_key(self._task(t)), merger, mask_dir.name), mask_dir,
+                                self.run_dir) for t in tasks]
+        reused = sum(self.store.exists("merge-stats", u.key) for u in units)
+        with self._stage("merge-statistics", len(units), reused):
+            paths = self.executor.map(statistics_unit, units, desc="merge statistics")
+        return dict(zip(tasks, paths))
 
     def decompose_and_score(self, specs: Sequence[TargetSpec], targets: dict[str, np.ndarray],
                             vectors: dict[str, np.ndarray], mask: Mask, context: RunContext | None = None) -> ResultTable:
@@ -338,16 +386,16 @@ class Runner:
                                                   derive_seed(s.seed, "decompose", d.label)), s.target_id)
             for d in self.m.decomposers for s in specs
         ]
-        with self._stage("decomposer", len(units)):
+        with self._stage("decomposer", len(units)), blas_threads():
             results = self.executor.map(decompose_unit, units, desc="decompose")
-        with self._stage("metric", len(units)):
+        with self._stage("metric", len(units)), blas_threads():
             by_id = {s.target_id: s for s in specs}
             for unit, result in progress(list(zip(units, results)), desc="metrics", enabled=self.progress):
                 spec = by_id[unit.target_id]
                 job = MergeJob(spec.target_id, spec.method, spec.tasks, spec.weights, spec.seed)
                 evaluation = TargetEvaluation(spec.target_id, spec.group, spec.method, spec.tasks, spec.weights,
                                               atom_names, targets[spec.target_id], result, vectors, categories,
-                                              job, context)
+                                              job, context, decomposer=unit.plugin.label)
                 values: dict[str, float | None] = {}
                 for ref, metric in metrics:
                     with plugin_errors("metric", ref.label):

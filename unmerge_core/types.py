@@ -251,8 +251,9 @@ class TargetEvaluation:
 
     Attributes:
         target_id: The target's identifier.
-        group: ``known``, ``mixed`` or ``unknown``.
-        method: Merge method that produced the target.
+        group: ``known``, ``mixed`` or ``unknown``; ``external`` for an existing model without ground truth
+            (``unmerge attribute``, manifest ``[[targets]]``): metrics that need the truth return ``None``.
+        method: Merge method that produced the target (``model`` or ``adapter`` for existing targets).
         true_tasks: Constituent task names (ground truth).
         true_weights: Their merge weights.
         atom_names: Dictionary task names, aligned with ``decomposition.coefficients``.
@@ -262,6 +263,7 @@ class TargetEvaluation:
         categories: Registry category of every task of the run, by name.
         merge_job: The job that formed the target (method, weights, seed), when the run made it.
         context: Paths and objects of the run, for metrics that need models (may be ``None``).
+        decomposer: Label of the decomposer that produced ``decomposition`` (for metric artifacts).
     """
 
     target_id: str
@@ -276,6 +278,7 @@ class TargetEvaluation:
     categories: Mapping[str, str]
     merge_job: MergeJob | None = None
     context: RunContext | None = None
+    decomposer: str | None = None
 
     @property
     def known_true_tasks(self) -> tuple[str, ...]:

@@ -1,10 +1,13 @@
-"""Metric plugins: ``support``, ``reconstruction``, ``semantic-alignment``."""
+"""Metric plugins: ``support``, ``reconstruction``, ``semantic-alignment``, ``layer-consistency``,
+``causal-ablation``."""
 
 from __future__ import annotations
 
 from unmerge_core import NoParams, PluginSpec, Stage, hookimpl
 
 from .attribution import AlignmentMetrics, ReconstructionMetric, SupportMetrics, SupportParams
+from .causal import CausalAblation, CausalParams
+from .consistency import LayerConsistencyMetric
 
 PROPOSAL = "https://arxiv.org/abs/2212.04089"
 
@@ -20,4 +23,10 @@ def unmerge_metrics() -> list[PluginSpec]:
         PluginSpec("semantic-alignment", Stage.METRIC,
                    "Cosine of out-of-dictionary constituents with the reconstruction and selected atoms",
                    PROPOSAL, SupportParams, AlignmentMetrics),
+        PluginSpec("layer-consistency", Stage.METRIC,
+                   "Per-layer mode: mean share of layers that selected each selected atom",
+                   PROPOSAL, SupportParams, LayerConsistencyMetric),
+        PluginSpec("causal-ablation", Stage.METRIC,
+                   "Causal check: removing an attributed atom from the model must hurt its own task most",
+                   "https://arxiv.org/abs/2212.04089", CausalParams, CausalAblation),
     ]

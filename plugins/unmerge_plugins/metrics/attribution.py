@@ -47,7 +47,7 @@ class SupportMetrics:
         truth = set(evaluation.known_true_tasks)
         tp = len(predicted & truth)
         out: dict[str, MetricValue] = {"sparsity": float(len(predicted))}
-        if evaluation.group == "unknown":
+        if evaluation.group in ("unknown", "external"):  # external: an existing target without ground truth
             out.update(precision=None, recall=None, f1=None, perfect_match=None, coef_mae=None)
         else:
             precision = tp / len(predicted) if predicted else None
@@ -85,7 +85,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def reconstruction_error(target: np.ndarray, reconstruction: np.ndarray) -> float:
     c = cosine(target, reconstruction)
-    return 1.0 if c is None else 1.0 - max(0.0, c) ** 2
+    return 1.0 if c is None else 1.0 - min(1.0, max(0.0, c)) ** 2  # cos can round to just above 1
 
 
 class AlignmentMetrics:
@@ -100,7 +100,7 @@ class AlignmentMetrics:
         self.params = params
 
     def compute(self, evaluation: TargetEvaluation) -> Mapping[str, MetricValue]:
-        if evaluation.group == "known":
+        if evaluation.group in ("known", "external"):
             return {"alignment_recon": None, "alignment_atoms": None, "category_match": None}
         support = predicted_support(evaluation, self.params)
         selected = [a for a, s in zip(evaluation.atom_names, support) if s]

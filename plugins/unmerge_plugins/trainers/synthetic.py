@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from unmerge_core.parallel import thread_map
 from unmerge_core.store import content_key
 from unmerge_core.types import PluginParams, TrainJob
 
@@ -26,7 +28,9 @@ from ..tiny_model import TinyModelParams
 class SyntheticParams(PluginParams):
     """Give the shapes by a config (file or tiny model) or explicitly."""
 
-    config: str | None = Field(None, description="path to a transformers config.json")
+    config: str | dict[str, Any] | None = Field(
+        None, description="path to a transformers config.json, or its shape fields inline (hidden_size, "
+                          "num_attention_heads, num_key_value_heads, num_hidden_layers, intermediate_size)")
     tiny: TinyModelParams | None = Field(None, description="shapes of the tiny local model")
     module_shapes: dict[str, tuple[int, int]] | None = Field(None, description="module name -> (out, in)")
     layers: int | None = Field(None, ge=1, description="use only the first N layers of the config")
@@ -53,6 +57,8 @@ class SyntheticParams(PluginParams):
             return {k: (int(v[0]), int(v[1])) for k, v in self.module_shapes.items()}
         if self.tiny is not None:
             cfg = self.tiny.model_dump()
+        elif isinstance(self.config, dict):
+            cfg = dict(self.config)
         else:
             assert self.config is not None
             cfg = json.loads(Path(self.config).read_text())
@@ -74,19 +80,31 @@ class SyntheticTrainer:
         parts = [("common", r_common, p.shared, f"common"),
                  ("category", r_cat, p.category_shared, f"category:{job.task.category}"),
                  ("own", r_own, 1 - p.shared - p.category_shared, f"task:{job.task.name}:{job.seed}")]
-        tensors: dict[str, torch.Tensor] = {}
         lora_scale = p.alpha / r
-        for module, (n_out, n_in) in shapes.items():
+
+        def factors(module: str) -> tuple[torch.Tensor, torch.Tensor]:
+            n_out, n_in = shapes[module]
             a_blocks, b_blocks = [], []
             for _, rank, share, label in parts:
                 gen = np.random.default_rng(int(content_key(p.seed, label, module), 16) % 2**63)
                 # entries of B·A have variance rank · σ_a² σ_b²; choose σ so the part's variance is share · scale²
-                sigma = math.sqrt(math.sqrt(max(share, 0.0)) * p.scale / math.sqrt(rank) / lora_scale)
-                a_blocks.append(gen.standard_normal((rank, n_in), dtype=np.float32) * sigma)
-                b_blocks.append(gen.standard_normal((n_out, rank), dtype=np.float32) * sigma)
+                sigma = np.float32(math.sqrt(math.sqrt(max(share, 0.0)) * p.scale / math.sqrt(rank) / lora_scale))
+                a = gen.standard_normal((rank, n_in), dtype=np.float32)
+                a *= sigma
+                b = gen.standard_normal((n_out, rank), dtype=np.float32)
+                b *= sigma
+                a_blocks.append(a)
+                b_blocks.append(b)
+            return torch.from_numpy(np.concatenate(a_blocks, axis=0)), torch.from_numpy(np.concatenate(b_blocks, axis=1))
+
+        # each module has its own generators, so modules can be drawn on several threads (numpy's
+        # generators release the GIL) with the same result as one after another
+        modules = list(shapes)
+        tensors: dict[str, torch.Tensor] = {}
+        for module, (a, b) in zip(modules, thread_map(factors, modules)):
             prefix = f"base_model.model.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.from_numpy(np.concatenate(a_blocks, axis=0))
-            tensors[f"{prefix}.lora_B.weight"] = torch.from_numpy(np.concatenate(b_blocks, axis=1))
+            tensors[f"{prefix}.lora_A.weight"] = a
+            tensors[f"{prefix}.lora_B.weight"] = b
         save_file(tensors, str(job.output_dir / "adapter_model.safetensors"))
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": p.alpha,

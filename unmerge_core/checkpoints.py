@@ -1,0 +1,264 @@
+"""Read full-model checkpoints (``save_pretrained`` layout) one tensor at a time.
+
+A :class:`Checkpoint` indexes the tensor names and shapes of a model directory from the safetensors
+headers only: a single ``model.safetensors``, a sharded checkpoint with
+``model.safetensors.index.json`` (its ``weight_map`` says which shard holds which tensor), or any other
+``*.safetensors`` files in the directory. :meth:`Checkpoint.tensor` opens the one file that holds a
+tensor, copies that tensor out and closes the file again, so reading a model module by module keeps
+one module in memory (and no memory-mapped shard stays resident) whatever the model size.
+
+Pickle checkpoints (``pytorch_model.bin``) can run arbitrary code when loaded; they are refused unless
+the caller passes ``allow_pickle=True``, and then read with ``torch.load(weights_only=True, mmap=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import UnmergeError
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+_NOT_MODEL_FILES = {"adapter_model.safetensors"}
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+class Checkpoint:
+    """The tensors of one full model, read lazily.
+
+    Args:
+        path: A model directory, or a single ``.safetensors`` (or, with ``allow_pickle``, ``.bin``) file.
+        allow_pickle: Accept ``pytorch_model.bin`` checkpoints (read with ``weights_only=True``).
+        name: Name used in messages (defaults to the directory or file name).
+
+    Raises:
+        UnmergeError: The path holds no readable weights, is a PEFT adapter, is a pickle checkpoint
+            without ``allow_pickle``, or its index names a missing shard or tensor.
+    """
+
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, name: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = name or self.path.name
+        self.allow_pickle = allow_pickle
+        self._declared_map: dict[str, Path] = {}
+        self.files = self._locate()
+        self.format = "pickle" if self.files[0].suffix == ".bin" else "safetensors"
+        self._pickle_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self.weight_map, self.shapes = self._index()
+
+    # -- structure ---------------------------------------------------------------------------------
+    def _locate(self) -> list[Path]:
+        p = self.path
+        if p.is_file():
+            if p.suffix == ".safetensors":
+                return [p]
+            if p.suffix == ".bin":
+                self._check_pickle_allowed(p)
+                return [p]
+            raise UnmergeError(f"{p}: not a checkpoint file (expected .safetensors)")
+        if not p.is_dir():
+            raise UnmergeError(f"{p}: no such file or directory")
+        if (p / SAFE_INDEX).is_file():
+            return self._index_files(p / SAFE_INDEX)
+        if (p / SAFE_WEIGHTS).is_file():
+            return [p / SAFE_WEIGHTS]
+        others = sorted(f for f in p.glob("*.safetensors") if f.name not in _NOT_MODEL_FILES)
+        if others:
+            return others
+        if (p / PICKLE_INDEX).is_file() or (p / PICKLE_WEIGHTS).is_file():
+            self._check_pickle_allowed(p / PICKLE_WEIGHTS)
+            return self._index_files(p / PICKLE_INDEX) if (p / PICKLE_INDEX).is_file() else [p / PICKLE_WEIGHTS]
+        if (p / "adapter_config.json").is_file():
+            raise UnmergeError(f"{p}: is a PEFT adapter, not a full model")
+        raise UnmergeError(f"{p}: no model weights found (expected {SAFE_WEIGHTS}, {SAFE_INDEX} or *.safetensors)")
+
+    def _check_pickle_allowed(self, file: Path) -> None:
+        if not self.allow_pickle:
+            raise UnmergeError(
+                f"{self.path}: checkpoint is a pickle ({file.name}), which can run code when loaded; "
+                "convert it to safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)"
+            )
+
+    def _index_files(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise UnmergeError(f"{index}: not a valid index (no 'weight_map' object)") from None
+        self._declared_map = {k: index.parent / v for k, v in weight_map.items()}
+        files = sorted(set(self._declared_map.values()), key=lambda f: _natural_key(f.name))
+        for f in files:
+            if not f.is_file():
+                raise UnmergeError(f"{index}: shard {f.name} is missing")
+        return files
+
+    def _index(self) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+        weight_map: dict[str, Path] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in self.files:
+            for key, shape in self._file_shapes(file):
+                if key in weight_map:
+                    raise UnmergeError(
+                        f"{self.path}: tensor {key} is stored twice ({weight_map[key].name}, {file.name})")
+                weight_map[key] = file
+                shapes[key] = shape
+        for key, file in self._declared_map.items():
+            if weight_map.get(key) != file:
+                raise UnmergeError(f"{self.path}: the index puts {key} in {file.name}, which does not hold it")
+        if not weight_map:
+            raise UnmergeError(f"{self.path}: checkpoint holds no tensor")
+        order = sorted(weight_map, key=_natural_key)
+        return {k: weight_map[k] for k in order}, {k: shapes[k] for k in order}
+
+    def _file_shapes(self, file: Path) -> Iterable[tuple[str, tuple[int, ...]]]:
+        if self.format == "pickle":
+            return [(k, tuple(v.shape)) for k, v in self._load_pickle(file).items()]
+        try:
+            with safe_open(file, framework="pt") as fh:
+                return [(k, tuple(int(s) for s in fh.get_slice(k).get_shape())) for k in fh.keys()]
+        except Exception as exc:  # noqa: BLE001 - a corrupt header is a user-facing problem
+            raise UnmergeError(f"{file}: unreadable safetensors file ({exc})") from None
+
+    def _load_pickle(self, file: Path) -> dict[str, torch.Tensor]:
+        if self._pickle_cache is not None and self._pickle_cache[0] == file:
+            return self._pickle_cache[1]
+        self._pickle_cache = None
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnmergeError(f"{file}: cannot be read with torch.load(weights_only=True): {first}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UnmergeError(f"{file}: is not a state dict of tensors")
+        self._pickle_cache = (file, state)
+        return state
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def config(self) -> dict[str, Any] | None:
+        """``config.json`` next to the weights, when there is one."""
+        directory = self.path if self.path.is_dir() else self.path.parent
+        cfg = directory / "config.json"
+        if not cfg.is_file():
+            return None
+        try:
+            data = json.loads(cfg.read_text())
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def module_key(self, module: str) -> str | None:
+        """The tensor holding ``module``'s weight (``<module>.weight``, with or without a ``model.`` prefix)."""
+        candidates = [f"{module}.weight"]
+        if module.startswith("model."):
+            candidates.append(f"{module[len('model.'):]}.weight")
+        else:
+            candidates.append(f"model.{module}.weight")
+        for key in candidates:
+            if key in self.weight_map:
+                return key
+        return None
+
+    # -- tensors -----------------------------------------------------------------------------------
+    def tensor(self, key: str) -> torch.Tensor:
+        """One tensor in its stored dtype; the file is opened for this read only."""
+        try:
+            file = self.weight_map[key]
+        except KeyError:
+            raise UnmergeError(f"{self.path}: no tensor {key}") from None
+        if self.format == "pickle":
+            return self._load_pickle(file)[key].clone()
+        with safe_open(file, framework="pt") as fh:
+            return fh.get_tensor(key)
+
+    def gather(self, key: str, flat_indices: torch.Tensor) -> torch.Tensor:
+        """``tensor(key).flatten()[flat_indices]`` as float64 (exact for bf16/fp16/fp32 values)."""
+        full = self.tensor(key)
+        values = full.reshape(-1)[flat_indices].to(torch.float64)
+        del full
+        return values
+
+
+def architecture(checkpoint: Checkpoint) -> str | None:
+    """``model_type`` (and first ``architectures`` entry) from ``config.json``, when present."""
+    cfg = checkpoint.config()
+    if not cfg:
+        return None
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    if model_type is None and arch is None:
+        return None
+    return f"{model_type} ({arch})" if arch else str(model_type)
+
+
+def check_compatible(base: Checkpoint, target: Checkpoint, modules: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Check that ``target`` can be compared with ``base`` on ``modules``; return warnings.
+
+    Errors (raised as :class:`UnmergeError`): different ``model_type`` in ``config.json``; a tensor
+    of both with different shapes (the first in natural order is named); a module weight needed by
+    the dictionary missing from either, or of another shape than the dictionary's. Tensors present in
+    only one of the two, outside the dictionary's modules, are reported as a warning.
+    """
+    arch_b, arch_t = architecture(base), architecture(target)
+    cfg_b, cfg_t = base.config() or {}, target.config() or {}
+    if cfg_b.get("model_type") and cfg_t.get("model_type") and cfg_b["model_type"] != cfg_t["model_type"]:
+        raise UnmergeError(f"target {target.name}: architecture {arch_t} differs from the base's {arch_b}")
+    for key, shape in base.shapes.items():
+        other = target.shapes.get(key)
+        if other is not None and other != shape:
+            raise UnmergeError(
+                f"target {target.name}: tensor {key} has shape {list(other)}, the base has {list(shape)} "
+                "(different architecture or size?)"
+            )
+    for module, shape in modules.items():
+        for ckpt, role in ((base, "base"), (target, f"target {target.name}")):
+            key = ckpt.module_key(module)
+            if key is None:
+                raise UnmergeError(f"{role}: missing tensor {module}.weight (adapted by the dictionary)")
+            if tuple(ckpt.shapes[key]) != tuple(shape):
+                raise UnmergeError(
+                    f"{role}: tensor {key} has shape {list(ckpt.shapes[key])}, the dictionary's adapters "
+                    f"have {list(shape)} (adapters made for another model?)"
+                )
+    warnings: list[str] = []
+    only_base = [k for k in base.shapes if k not in target.shapes]
+    only_target = [k for k in target.shapes if k not in base.shapes]
+    if only_base:
+        warnings.append(f"target {target.name}: {len(only_base)} tensor(s) of the base are missing "
+                        f"(first: {only_base[0]}); they are outside the dictionary's modules and ignored")
+    if only_target:
+        warnings.append(f"target {target.name}: {len(only_target)} tensor(s) are not in the base "
+                        f"(first: {only_target[0]}); ignored")
+    if not set(base.shapes) & set(target.shapes):
+        raise UnmergeError(f"target {target.name}: shares no tensor name with the base (different architecture?)")
+    return warnings
+
+
+def first_difference(base: Checkpoint, target: Checkpoint) -> str | None:
+    """Name of the first tensor (natural order) whose values differ between the two, or ``None``.
+
+    Streams one pair of tensors at a time.
+    """
+    for key in base.keys:
+        if key not in target.shapes:
+            continue
+        a, b = base.tensor(key), target.tensor(key)
+        same = torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.to(torch.float64), b.to(torch.float64))
+        del a, b
+        if not same:
+            return key
+    return None

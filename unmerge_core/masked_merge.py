@@ -1,0 +1,191 @@
+"""The fast merge path: targets computed on the mask coordinates only, never as dense modules.
+
+A merger opts in by implementing the optional interface documented in
+:func:`unmerge_core.hookspecs.unmerge_mergers` (``masked_methods``, ``statistics_methods``,
+``statistics_config``, ``module_statistics``, ``merge_masked``). The runner then
+
+1. computes, once per (task, module), the statistics the merger asks for (for TIES: the magnitude
+   threshold) from the dense ΔW of that one module — :func:`statistics_unit`, cached in the run's
+   :class:`~unmerge_core.store.ArtifactStore` under ``merge-stats/<key>`` where the key hashes the
+   adapter's key, the merger's ``statistics_config()`` and the mask. The same pass gathers the
+   dense module at the mask coordinates: targets use those values for that task, so a
+   coordinate is compared with the threshold in exactly the float32 values the threshold was
+   taken from (as the dense path does) — no decision can flip on rounding;
+2. merges every target from the constituents' masked values and those statistics
+   (:func:`merge_masked_vector`): a few thousand numbers per module instead of millions. Tasks
+   without statistics use the run's masked task vectors (formed from the LoRA factors without
+   any dense module).
+
+Peak memory of step 1 is ``workers`` dense modules (one per thread, buffers reused), whatever the
+number of layers, tasks or targets; step 2 holds only masked vectors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .adapters import LoraAdapter
+from .errors import PluginError
+from .parallel import BufferPool, thread_map
+from .store import ArtifactStore, atomic_save_tensors, atomic_write_json, content_key, load_tensors
+from .types import Mask, MergeJob
+
+STATISTICS_FILE = "statistics.json"
+VALUES_FILE = "masked_values.safetensors"
+
+
+def supports_masked(merger: Any, method: str) -> bool:
+    """Whether ``merger`` merges ``method`` on masked coordinates (the optional fast interface)."""
+    return method in (getattr(merger, "masked_methods", None) or ()) and callable(getattr(merger, "merge_masked", None))
+
+
+def needs_statistics(merger: Any, method: str) -> bool:
+    """Whether the masked form of ``method`` needs ``module_statistics`` of each constituent."""
+    return supports_masked(merger, method) and method in (getattr(merger, "statistics_methods", None) or ())
+
+
+def statistics_key(adapter_key: str, merger: Any, mask_key: str) -> str:
+    """Cache key of one adapter's statistics: adapter, what the statistics depend on, the mask."""
+    config = merger.statistics_config() if callable(getattr(merger, "statistics_config", None)) else None
+    return content_key("merge-stats", adapter_key, type(merger).__qualname__, config, mask_key)
+
+
+@dataclass(frozen=True)
+class StatisticsUnit:
+    """Compute one adapter's per-module statistics (picklable, for any executor)."""
+
+    plugin: Any  # ResolvedPlugin of the merger
+    task: str
+    adapter_dir: Path
+    key: str
+    mask_dir: Path
+    store_root: Path
+    workers: int | None = None
+
+
+def statistics_unit(unit: StatisticsUnit) -> Path:
+    """Form each module's dense ΔW once (``workers`` at a time); store statistics and masked values."""
+    from .runner import load_mask
+
+    store = ArtifactStore(unit.store_root)
+
+    def build(tmp: Path) -> None:
+        merger = unit.plugin.build()
+        mask = load_mask(unit.mask_dir)
+        stats, values = compute_statistics(merger, LoraAdapter(unit.adapter_dir, unit.task), mask,
+                                           workers=unit.workers, label=unit.plugin.label)
+        atomic_write_json(tmp / STATISTICS_FILE, stats)
+        atomic_save_tensors(tmp / VALUES_FILE, {"values": values})
+
+    return store.produce("merge-stats", unit.key, build, {"task": unit.task})
+
+
+def compute_statistics(merger: Any, adapter: LoraAdapter, mask: Mask, *, workers: int | None = None,
+                       label: str = "merger") -> tuple[dict[str, dict[str, float] | None], np.ndarray]:
+    """Per mask module, ``merger.module_statistics(ΔW, module)`` and ΔW gathered at the mask.
+
+    Returns ``({module: statistics or None}, masked_values)``: ``None`` (and zeros) where the
+    adapter lacks the module; ``masked_values`` is float64 in ``mask.slices()`` order, gathered
+    from the same dense float32 module as the statistics. Modules are processed largest first on
+    ``workers`` threads; each thread forms ΔW into its own reused buffer, so at most ``workers``
+    dense modules exist at once.
+    """
+    pool = BufferPool()
+    modules = mask.modules
+    present = [m for m in modules if m in adapter.modules]
+    order = sorted(present, key=lambda m: -adapter.modules[m].shape[0] * adapter.modules[m].shape[1])
+
+    def one(module: str) -> tuple[dict[str, float], np.ndarray]:
+        delta = adapter.delta(module, out=pool.get(adapter.modules[module].shape))
+        gathered = delta.reshape(-1).numpy()[np.asarray(mask.indices[module], dtype=np.int64)].astype(np.float64)
+        try:
+            result = merger.module_statistics(delta, module)
+        except Exception as exc:  # noqa: BLE001
+            raise PluginError("merger", label, f"module_statistics raised {type(exc).__name__}: {exc}") from exc
+        return {str(k): float(v) for k, v in dict(result).items()}, gathered
+
+    computed = dict(zip(order, thread_map(one, order, workers)))
+    stats = {m: (computed[m][0] if m in computed else None) for m in modules}
+    pieces = [computed[m][1] if m in computed else np.zeros(len(mask.indices[m])) for m in modules]
+    return stats, (np.concatenate(pieces) if pieces else np.zeros(0))
+
+
+def load_statistics(directory: Path) -> dict[str, dict[str, float] | None]:
+    return json.loads((directory / STATISTICS_FILE).read_text())
+
+
+def load_statistics_values(directory: Path) -> np.ndarray | None:
+    """The masked values gathered with the statistics (``None`` for an artifact without them)."""
+    path = directory / VALUES_FILE
+    if not path.is_file():
+        return None
+    return load_tensors(path)["values"].numpy()
+
+
+def merge_masked_vector(merger: Any, job: MergeJob, mask: Mask, values: Sequence[np.ndarray],
+                        statistics: Sequence[Mapping[str, Mapping[str, float] | None] | None],
+                        label: str = "merger") -> np.ndarray:
+    """The target's masked vector: ``merger.merge_masked`` module by module.
+
+    Args:
+        values: Per constituent, its full masked vector (``Mask.slices()`` order).
+        statistics: Per constituent, ``{module: statistics}`` (or ``None`` when the method needs none).
+    """
+    pieces = []
+    for module, sl in mask.slices().items():
+        idx = np.asarray(mask.indices[module])
+        module_values = [np.asarray(v[sl], dtype=np.float64) for v in values]
+        module_stats = [None if s is None else s.get(module) for s in statistics]
+        try:
+            merged = merger.merge_masked(job, module, idx, module_values, module_stats)
+        except Exception as exc:  # noqa: BLE001
+            raise PluginError("merger", label, f"merge_masked raised {type(exc).__name__}: {exc}") from exc
+        merged = np.asarray(merged, dtype=np.float64).reshape(-1)
+        if merged.shape[0] != len(idx):
+            raise PluginError("merger", label,
+                              f"merge_masked returned {merged.shape[0]} values for {module}, expected {len(idx)}")
+        pieces.append(merged)
+    return np.concatenate(pieces) if pieces else np.zeros(0)
+
+
+def masked_target(merger: Any, job: MergeJob, mask: Mask, vectors_path: Path,
+                  statistics_dirs: Sequence[Path | None] = (), label: str = "merger") -> np.ndarray:
+    """One target from files: the run's masked task vectors and the constituents' statistics."""
+    from safetensors import safe_open
+
+    dirs = list(statistics_dirs) + [None] * (len(job.tasks) - len(statistics_dirs))
+    statistics = [None if d is None else load_statistics(d) for d in dirs]
+    # values gathered with the statistics (same float32 module as the thresholds), else task vectors
+    dense_values = [None if d is None else load_statistics_values(d) for d in dirs]
+    with safe_open(str(vectors_path), framework="np") as fh:
+        missing = [t for t, v in zip(job.tasks, dense_values) if v is None and t not in fh.keys()]
+        if missing:
+            raise PluginError("merger", label, f"no masked task vector for {', '.join(missing)} in {vectors_path}")
+        values = [np.asarray(v if v is not None else fh.get_tensor(t), dtype=np.float64)
+                  for t, v in zip(job.tasks, dense_values)]
+    if needs_statistics(merger, job.method) and any(s is None for s in statistics):
+        raise PluginError("merger", label, f"target {job.target_id}: {job.method} needs module statistics")
+    return merge_masked_vector(merger, job, mask, values, statistics, label)
+
+
+def dense_masked_vector(merger: Any, job: MergeJob, adapters: Sequence[LoraAdapter], mask: Mask) -> np.ndarray:
+    """The dense route, for comparisons: each constituent's dense ΔW module, ``merge_module``, gather.
+
+    What the runner does for methods without a masked form (float64 result in ``mask.slices()`` order).
+    """
+    import torch
+
+    pieces = []
+    for module, idx in mask.indices.items():
+        shape = mask.shapes[module]
+        deltas = [a.delta(module) if module in a.modules else torch.zeros(shape) for a in adapters]
+        merged = merger.merge_module(job, module, deltas)
+        pieces.append(merged.reshape(-1).to(torch.float64).numpy()[np.asarray(idx, dtype=np.int64)])
+        del deltas, merged
+    return np.concatenate(pieces) if pieces else np.zeros(0)

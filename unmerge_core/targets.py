@@ -1,0 +1,329 @@
+"""Existing models as targets: what a target is, its optional ground truth, and its masked ΔW.
+
+A target the toolkit did not make is either
+
+- a full model directory (``kind = "model"``): ΔW = target − base, read module by module from
+  safetensors with :class:`~unmerge_core.checkpoints.Checkpoint`; or
+- a PEFT LoRA adapter directory (``kind = "adapter"``): ΔW = B·A·α/r, read with
+  :class:`~unmerge_core.adapters.LoraAdapter`.
+
+``kind = "auto"`` picks ``adapter`` when the directory holds ``adapter_config.json``, else ``model``.
+Only the mask's coordinates of ΔW are kept, so memory stays at one module of the target.
+
+Ground truth is optional: tasks and weights given inline, in a JSON object, or read from a mergekit
+YAML ``models:`` list. With it, a target belongs to the group ``known`` (every true task is a
+dictionary atom), ``unknown`` (none is) or ``mixed``; without it, to the group ``external``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .adapters import LoraAdapter
+from .checkpoints import Checkpoint, check_compatible, first_difference
+from .errors import UnmergeError
+from .types import Mask
+
+EXTERNAL_GROUP = "external"
+TargetKind = Literal["auto", "model", "adapter"]
+
+
+class TruthSpec(BaseModel):
+    """Ground truth of an existing target: its constituent tasks and their merge weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tasks: list[str] = Field(min_length=1)
+    weights: list[float]
+
+    @model_validator(mode="after")
+    def _aligned(self) -> TruthSpec:
+        if len(self.weights) != len(self.tasks):
+            raise ValueError(f"{len(self.tasks)} tasks but {len(self.weights)} weights")
+        dupes = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if dupes:
+            raise ValueError(f"tasks lists {', '.join(dupes)} more than once")
+        return self
+
+
+class ExternalTarget(BaseModel):
+    """One ``[[targets]]`` entry of a manifest: an existing model or adapter to attribute."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    kind: TargetKind = "auto"
+    name: str | None = None
+    truth: TruthSpec | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name or Path(self.path).name
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Validated ground truth; ``source`` says where it came from (for the report)."""
+
+    tasks: tuple[str, ...]
+    weights: tuple[float, ...]
+    source: str
+
+    @classmethod
+    def from_spec(cls, spec: TruthSpec, source: str) -> Truth:
+        return cls(tuple(spec.tasks), tuple(float(w) for w in spec.weights), source)
+
+
+def truth_group(truth: Truth | None, atom_names: Sequence[str]) -> str:
+    """``external`` without truth, else ``known`` / ``mixed`` / ``unknown`` by dictionary membership."""
+    if truth is None:
+        return EXTERNAL_GROUP
+    inside = [t in atom_names for t in truth.tasks]
+    if all(inside):
+        return "known"
+    return "mixed" if any(inside) else "unknown"
+
+
+def detect_kind(path: Path, kind: str = "auto") -> str:
+    """``model`` or ``adapter`` for a target path; raises a one-line error when neither fits."""
+    if not path.exists():
+        raise UnmergeError(f"target {path}: no such file or directory")
+    is_adapter = path.is_dir() and (path / "adapter_config.json").is_file()
+    if kind == "adapter" and not is_adapter:
+        raise UnmergeError(f"target {path}: not a PEFT adapter directory (missing adapter_config.json)")
+    if kind == "model" and is_adapter:
+        raise UnmergeError(f"target {path}: is a PEFT adapter, not a full model (use kind 'adapter')")
+    if kind in ("model", "adapter"):
+        return kind
+    return "adapter" if is_adapter else "model"
+
+
+# --------------------------------------------------------------------------------------------------
+# Ground truth files
+# --------------------------------------------------------------------------------------------------
+
+
+def read_truth_json(text_or_path: str) -> Truth:
+    """``{"tasks": [...], "weights": [...]}`` given inline or as the path of a JSON file."""
+    source = "json"
+    text = text_or_path
+    if not text_or_path.lstrip().startswith("{"):
+        path = Path(text_or_path)
+        if not path.is_file():
+            raise UnmergeError(f"--truth-json: {text_or_path} is neither a JSON object nor a file")
+        text, source = path.read_text(), str(path)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UnmergeError(f"--truth-json {source}: invalid JSON: {exc}") from None
+    try:
+        return Truth.from_spec(TruthSpec.model_validate(data), source)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        raise UnmergeError(f"--truth-json {source}: {loc + ': ' if loc else ''}{msg}") from None
+
+
+def read_mergekit_truth(path: Path, atoms: Mapping[str, Path]) -> Truth:
+    """Tasks and weights from a mergekit YAML ``models:`` list.
+
+    Each ``model`` reference is ``PATH`` or ``BASE+ADAPTER``; its task is the dictionary atom whose
+    adapter directory is that path (after resolving it against the YAML's folder, then the current
+    directory), else the atom named like the path's last component, else that last component (a
+    task outside the dictionary). The base model listed without a weight (TIES habit) is skipped.
+    A missing ``weight`` is 1. For ``merge_method: linear`` with ``normalize`` (mergekit's default)
+    the weights are divided by their sum, which is what the merged ΔW is made of.
+    """
+    import yaml
+
+    if not path.is_file():
+        raise UnmergeError(f"--truth: {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UnmergeError(f"--truth {path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise UnmergeError(f"--truth {path}: no 'models:' list (slices-based configs are not supported)")
+    resolved_atoms = {_resolve(p): name for name, p in atoms.items()}
+    base_ref = data.get("base_model")
+    tasks: list[str] = []
+    weights: list[float] = []
+    for i, entry in enumerate(data["models"]):
+        ref = entry.get("model") if isinstance(entry, dict) else None
+        if not isinstance(ref, str):
+            raise UnmergeError(f"--truth {path}: models[{i}].model must be a string path")
+        params = entry.get("parameters") or {}
+        if ref == base_ref and "weight" not in params:
+            continue
+        weight = params.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise UnmergeError(f"--truth {path}: models[{i}].parameters.weight must be a number (got {weight!r})")
+        task = _task_of_reference(ref, path.parent, resolved_atoms)
+        if task in tasks:
+            raise UnmergeError(f"--truth {path}: models[{i}]: task {task!r} appears twice")
+        tasks.append(task)
+        weights.append(float(weight))
+    if not tasks:
+        raise UnmergeError(f"--truth {path}: the models list names no constituent")
+    shared = data.get("parameters") or {}
+    if data.get("merge_method") == "linear" and shared.get("normalize", True) and sum(weights) > 0:
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    return Truth(tuple(tasks), tuple(weights), str(path))
+
+
+def _resolve(path: Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _task_of_reference(ref: str, yaml_dir: Path, atoms: Mapping[str, str]) -> str:
+    part = ref.split("+", 1)[1] if "+" in ref else ref
+    candidate = Path(part).expanduser()
+    for option in ([candidate] if candidate.is_absolute() else [yaml_dir / candidate, candidate]):
+        if _resolve(option) in atoms:
+            return atoms[_resolve(option)]
+    leaf = candidate.name or part
+    return leaf
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked ΔW of a target
+# --------------------------------------------------------------------------------------------------
+
+
+class TargetReader:
+    """Forms the masked ΔW of existing targets, one module at a time.
+
+    Args:
+        mask: The dictionary's mask (module -> flat indices and shapes).
+        base: The base checkpoint; needed for full-model targets only. Its masked values are read
+            once and reused for every target.
+    """
+
+    def __init__(self, mask: Mask, base: Checkpoint | None = None) -> None:
+        self.mask = mask
+        self.base = base
+        self._base_values: dict[str, np.ndarray] | None = None
+
+    def vector(self, path: Path, kind: str, name: str, *, allow_pickle: bool = False) -> tuple[np.ndarray, list[str]]:
+        """``(masked ΔW, warnings)`` of a ``model`` or ``adapter`` target."""
+        if kind == "adapter":
+            return self.adapter_vector(LoraAdapter(path, name))
+        if self.base is None:
+            raise UnmergeError(
+                f"target {name}: a full-model target needs the base model (--base, or base = in the manifest)")
+        return self.model_vector(Checkpoint(path, allow_pickle=allow_pickle, name=name))
+
+    def _base_masked(self) -> dict[str, np.ndarray]:
+        assert self.base is not None
+        if self._base_values is None:
+            values = {}
+            for module, idx in self.mask.indices.items():
+                key = self.base.module_key(module)
+                assert key is not None  # checked by check_compatible
+                values[module] = self.base.gather(key, torch.from_numpy(np.asarray(idx))).numpy()
+            self._base_values = values
+        return self._base_values
+
+    def model_vector(self, target: Checkpoint) -> tuple[np.ndarray, list[str]]:
+        assert self.base is not None
+        warnings = check_compatible(self.base, target, self.mask.shapes)
+        base_values = self._base_masked()
+        parts = []
+        for module, idx in self.mask.indices.items():
+            key = target.module_key(module)
+            assert key is not None
+            values = target.gather(key, torch.from_numpy(np.asarray(idx))).numpy()
+            if not np.isfinite(values).all():
+                raise UnmergeError(f"target {target.name}: tensor {key} holds NaN or inf")
+            parts.append(values - base_values[module])
+        vector = np.concatenate(parts) if parts else np.zeros(0)
+        if not np.any(vector):
+            differs = first_difference(self.base, target)
+            if differs is None:
+                raise UnmergeError(f"target {target.name} is identical to the base (ΔW = 0): nothing to attribute")
+            raise UnmergeError(
+                f"target {target.name}: ΔW = 0 on every module the dictionary adapts; it differs from the base "
+                f"only elsewhere (first: {differs})"
+            )
+        return vector, warnings
+
+    def adapter_vector(self, adapter: LoraAdapter) -> tuple[np.ndarray, list[str]]:
+        covered = [m for m in self.mask.indices if m in adapter.modules]
+        if not covered:
+            raise UnmergeError(
+                f"target {adapter.name}: the adapter adapts none of the dictionary's modules "
+                f"(it has {adapter.module_names[0]}, ...; the dictionary {self.mask.modules[0]}, ...)"
+            )
+        for module in covered:
+            if adapter.modules[module].shape != tuple(self.mask.shapes[module]):
+                raise UnmergeError(
+                    f"target {adapter.name}: module {module} has shape {list(adapter.modules[module].shape)}, "
+                    f"the dictionary's adapters have {list(self.mask.shapes[module])}"
+                )
+        parts = []
+        for module, idx in self.mask.indices.items():
+            if module in adapter.modules:
+                parts.append(adapter.delta_at(module, torch.from_numpy(np.asarray(idx))).double().numpy())
+            else:
+                parts.append(np.zeros(len(idx)))
+        vector = np.concatenate(parts)
+        warnings = []
+        missing = [m for m in self.mask.indices if m not in adapter.modules]
+        if missing:
+            warnings.append(f"target {adapter.name}: the adapter lacks {len(missing)} of the dictionary's "
+                            f"{len(self.mask.indices)} modules (first: {missing[0]}); ΔW = 0 there")
+        if not np.isfinite(vector).all():
+            raise UnmergeError(f"target {adapter.name}: the adapter holds NaN or inf")
+        if not np.any(vector):
+            raise UnmergeError(
+                f"target {adapter.name} is identical to the base (ΔW = B·A·α/r = 0): nothing to attribute")
+        return vector, warnings
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest support
+# --------------------------------------------------------------------------------------------------
+
+
+def manifest_path(manifest: Path, value: str) -> Path:
+    """A path from a manifest: absolute, or relative to the manifest's folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else manifest.parent / p
+
+
+def check_manifest_targets(path: Path, file: Any, task_names: Sequence[str], errors: list[str]) -> None:
+    """Append one line per problem of a manifest's ``[[targets]]`` and ``base`` to ``errors``."""
+    targets: list[ExternalTarget] = list(file.targets)
+    if not targets and not file.protocol.groups:
+        errors.append(f"{path}: protocol.groups is empty and there is no [[targets]]: nothing to decompose")
+    names = [t.display_name for t in targets]
+    needs_base = False
+    for i, target in enumerate(targets):
+        where = f"{path}: targets[{i}]"
+        if names.count(target.display_name) > 1:
+            errors.append(f"{where}: name {target.display_name!r} is used twice; give each target a distinct 'name'")
+        try:
+            kind = detect_kind(manifest_path(path, target.path), target.kind)
+        except UnmergeError as exc:
+            errors.append(f"{where}.path: {exc}")
+            continue
+        needs_base |= kind == "model"
+        if target.truth is not None:
+            for j, task in enumerate(target.truth.tasks):
+                if task not in task_names:
+                    errors.append(f"{where}.truth.tasks[{j}]: '{task}' is not a task of this manifest "
+                                  "(tasks.known or tasks.unknown)")
+    if file.base is not None and not manifest_path(path, file.base).exists():
+        errors.append(f"{path}: base: no such file or directory: {manifest_path(path, file.base)}")
+    elif needs_base and file.base is None:
+        errors.append(f"{path}: base: full-model [[targets]] need the base model; add base = \"path/to/base\"")
