@@ -205,6 +205,16 @@ def test_second_decomposer_with_the_same_coefficients_costs_nothing(adapters, tm
     assert all(v is None for v in skipped.values()) and metric.evaluations == n
 
 
+def test_exact_match_score_runs_on_the_same_edits(adapters, tmp_path) -> None:
+    ctx = context(adapters, tmp_path)
+    metric = CausalAblation(CausalParams(score="exact_match", random_control=False, null_atoms=0, **FAST))
+    out = metric.compute(evaluation(ctx, [0.5, 0.5, 0.0], decomposer="em"))
+    shares = [out[f"causal_{v}"] for v in ("confirmed", "refuted", "inconclusive")]
+    assert all(s is not None and 0 <= s <= 1 for s in shares) and sum(shares) == pytest.approx(1.0)
+    for r in rows_of(tmp_path, "em", "known-linear-00"):
+        assert r["own_delta"] == pytest.approx(-r["own_exact_match_delta"])  # harm = lost exact matches
+
+
 def test_mask_scope_removes_only_masked_coordinates(adapters, tmp_path) -> None:
     ctx = context(adapters, tmp_path)
     metric = CausalAblation(CausalParams(scope="mask", **FAST))

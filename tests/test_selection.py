@@ -34,7 +34,7 @@ def test_bracket_miss_falls_back_to_the_exact_answer(monkeypatch) -> None:
     expected = reference_kth(x, x.numel() // 2)
     calls = []
 
-    def wrong_bracket(flat, rank):
+    def wrong_bracket(sample_abs, rank, numel):
         calls.append(rank)
         return 1e9, 2e9  # nothing inside: the counts show the miss
 

@@ -106,7 +106,7 @@ def unmerge_mergers() -> list[PluginSpec]:
             masked_methods: Collection[str]      # methods with a masked form (may be empty)
             statistics_methods: Collection[str]  # those needing per-(task, module) statistics
             def statistics_config(self) -> dict  # what the statistics depend on (cache key)
-            def module_statistics(self, delta: torch.Tensor, module: str) -> dict[str, float]
+            def module_statistics(self, delta: LowRankDelta, module: str) -> dict[str, float]
             def merge_masked(self, job: MergeJob, module: str, flat_indices: np.ndarray,
                              values: Sequence[np.ndarray],
                              statistics: Sequence[Mapping[str, float] | None]) -> np.ndarray
@@ -120,12 +120,21 @@ def unmerge_mergers() -> list[PluginSpec]:
         the dense ``merge_module`` result gathered at the mask (up to float rounding; for random
         methods, document how the draw is made and keep it a function of ``job.seed``).
 
-        ``module_statistics`` receives one task's dense float32 ΔW of one module (a reused
-        buffer: do not keep a reference) and returns a small JSON-serialisable mapping (a
-        magnitude threshold, a norm). The runner calls it once per (task, module) for the tasks
-        of targets whose method is in ``statistics_methods``, caches the result in the run's
-        artifact store under a key made of the adapter and ``statistics_config()``, and reuses it
-        for every target containing the task. The runner computes statistics on several
+        ``module_statistics`` receives one task's ΔW of one module as a
+        :class:`~unmerge_core.lowrank.LowRankDelta`: ``delta.dense()`` forms the float32 tensor
+        (in a reused buffer: do not keep a reference), ``delta.row_blocks()`` streams it block of
+        rows by block of rows without ever forming it (one pass, cache-sized blocks: prefer it at
+        7B sizes) — the two give the same float32 numbers bit for bit, equal to
+        ``LoraAdapter.delta`` up to float32 rounding — and ``delta.sample()`` and
+        ``delta.values_at(idx)`` give a few entries cheaply (not bit-equal: use them for
+        estimates only). It returns a small JSON-serialisable mapping (a magnitude threshold, a
+        norm). The runner records the entries at the mask during the merger's full pass (or makes
+        one itself) and, for methods in ``statistics_methods``, passes those as ``values`` to
+        ``merge_masked``, so decisions against a threshold use exactly the numbers the threshold
+        came from (other methods get the run's masked task vectors). The runner calls it once per
+        (task, module) for the tasks of targets whose method is in ``statistics_methods``, caches
+        the result in the run's artifact store under a key made of the adapter, the mask and
+        ``statistics_config()``, and reuses it for every target containing the task. The runner computes statistics on several
         threads, so it must not mutate shared state. Methods outside ``masked_methods`` (and
         every method when a merger has no ``merge_masked``) take the dense path above.
     """

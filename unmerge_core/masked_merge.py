@@ -5,19 +5,20 @@ A merger opts in by implementing the optional interface documented in
 ``statistics_config``, ``module_statistics``, ``merge_masked``). The runner then
 
 1. computes, once per (task, module), the statistics the merger asks for (for TIES: the magnitude
-   threshold) from the dense ΔW of that one module — :func:`statistics_unit`, cached in the run's
-   :class:`~unmerge_core.store.ArtifactStore` under ``merge-stats/<key>`` where the key hashes the
-   adapter's key, the merger's ``statistics_config()`` and the mask. The same pass gathers the
-   dense module at the mask coordinates: targets use those values for that task, so a
-   coordinate is compared with the threshold in exactly the float32 values the threshold was
-   taken from (as the dense path does) — no decision can flip on rounding;
+   threshold) from that module's ΔW, streamed in row blocks or formed densely
+   (:func:`statistics_unit`), cached in the run's :class:`~unmerge_core.store.ArtifactStore` under
+   ``merge-stats/<key>`` where the key hashes the adapter's key, the merger's
+   ``statistics_config()`` and the mask. The same pass records the module's entries at the mask
+   coordinates: targets use those values for that task, so a coordinate is compared with the
+   threshold in exactly the float32 numbers the threshold was taken from — no decision can flip
+   on rounding;
 2. merges every target from the constituents' masked values and those statistics
    (:func:`merge_masked_vector`): a few thousand numbers per module instead of millions. Tasks
    without statistics use the run's masked task vectors (formed from the LoRA factors without
    any dense module).
 
-Peak memory of step 1 is ``workers`` dense modules (one per thread, buffers reused), whatever the
-number of layers, tasks or targets; step 2 holds only masked vectors.
+Peak memory of step 1 is at most one dense module per worker thread (none when the merger
+streams), whatever the number of layers, tasks or targets; step 2 holds only masked vectors.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 
 from .adapters import LoraAdapter
 from .errors import PluginError
+from .lowrank import BLOCK_ROWS
 from .parallel import BufferPool, thread_map
 from .store import ArtifactStore, atomic_save_tensors, atomic_write_json, content_key, load_tensors
 from .types import Mask, MergeJob
@@ -70,7 +72,7 @@ class StatisticsUnit:
 
 
 def statistics_unit(unit: StatisticsUnit) -> Path:
-    """Form each module's dense ΔW once (``workers`` at a time); store statistics and masked values."""
+    """One adapter's statistics and masked values, every module once (``workers`` at a time), cached."""
     from .runner import load_mask
 
     store = ArtifactStore(unit.store_root)
@@ -92,9 +94,10 @@ def compute_statistics(merger: Any, adapter: LoraAdapter, mask: Mask, *, workers
 
     Returns ``({module: statistics or None}, masked_values)``: ``None`` (and zeros) where the
     adapter lacks the module; ``masked_values`` is float64 in ``mask.slices()`` order, gathered
-    from the same dense float32 module as the statistics. Modules are processed largest first on
-    ``workers`` threads; each thread forms ΔW into its own reused buffer, so at most ``workers``
-    dense modules exist at once.
+    from the same float32 numbers the statistics were computed on. Modules are processed largest
+    first on ``workers`` threads. The merger gets a :class:`~unmerge_core.lowrank.LowRankDelta`
+    that it may stream in row blocks (nothing dense) or form densely into the thread's reused
+    buffer, so at most ``workers`` dense modules exist at once.
     """
     pool = BufferPool()
     modules = mask.modules
@@ -102,13 +105,18 @@ def compute_statistics(merger: Any, adapter: LoraAdapter, mask: Mask, *, workers
     order = sorted(present, key=lambda m: -adapter.modules[m].shape[0] * adapter.modules[m].shape[1])
 
     def one(module: str) -> tuple[dict[str, float], np.ndarray]:
-        delta = adapter.delta(module, out=pool.get(adapter.modules[module].shape))
-        gathered = delta.reshape(-1).numpy()[np.asarray(mask.indices[module], dtype=np.int64)].astype(np.float64)
+        shape = adapter.modules[module].shape
+        delta = adapter.lowrank(module, gather=np.asarray(mask.indices[module], dtype=np.int64),
+                                dense_buffer=lambda: pool.get(shape, "dense"),
+                                block_buffer=pool.get((min(BLOCK_ROWS, shape[0]), shape[1]), "rows"))
         try:
             result = merger.module_statistics(delta, module)
         except Exception as exc:  # noqa: BLE001
             raise PluginError("merger", label, f"module_statistics raised {type(exc).__name__}: {exc}") from exc
-        return {str(k): float(v) for k, v in dict(result).items()}, gathered
+        if delta.gathered is None:  # the merger made no full pass: gather from the dense module
+            delta.dense()
+        assert delta.gathered is not None
+        return {str(k): float(v) for k, v in dict(result).items()}, delta.gathered
 
     computed = dict(zip(order, thread_map(one, order, workers)))
     stats = {m: (computed[m][0] if m in computed else None) for m in modules}
@@ -160,8 +168,10 @@ def masked_target(merger: Any, job: MergeJob, mask: Mask, vectors_path: Path,
     from safetensors import safe_open
 
     dirs = list(statistics_dirs) + [None] * (len(job.tasks) - len(statistics_dirs))
+    if not needs_statistics(merger, job.method):
+        dirs = [None] * len(job.tasks)  # the task vectors themselves (the dictionary's own values)
     statistics = [None if d is None else load_statistics(d) for d in dirs]
-    # values gathered with the statistics (same float32 module as the thresholds), else task vectors
+    # values recorded with the statistics (the numbers the thresholds came from), else task vectors
     dense_values = [None if d is None else load_statistics_values(d) for d in dirs]
     with safe_open(str(vectors_path), framework="np") as fh:
         missing = [t for t, v in zip(job.tasks, dense_values) if v is None and t not in fh.keys()]

@@ -54,14 +54,16 @@ def torch_threads(n: int) -> Iterator[None]:
 def thread_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> list[R]:
     """``[fn(x) for x in items]`` on ``workers`` threads, results in input order.
 
-    With more than one worker, torch runs single-threaded inside each worker (one core per module).
-    With one worker (or one item) it is a plain loop and torch keeps its own threads.
+    torch runs single-threaded inside (one core per item): the per-module kernels are too small to
+    split, and split kernels spin-wait badly when the cores are shared. With one worker (or one
+    item) it is a plain loop, still with single-threaded torch.
     """
     workers = worker_count() if workers is None else max(1, workers)
-    if workers == 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    with torch_threads(1), ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(fn, items))
+    with torch_threads(1):
+        if workers == 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+            return list(pool.map(fn, items))
 
 
 class BufferPool:

@@ -9,11 +9,12 @@ Two selections recur at paper scale (12.8M entries per ``q_proj`` of a 7B model)
 Both return exactly what a full sort would (``numpy.partition`` / ``torch.topk``), but touch most
 entries only with cheap, cache-sized comparisons:
 
-- ``kth_largest_abs`` guesses a narrow bracket around the answer from a fixed-seed sample, then makes
-  one pass over the tensor in chunks of :data:`CHUNK` entries, counting the entries below the bracket
-  and keeping those inside it. The k-th value is then selected among the few kept entries. If the
-  bracket missed (it is checked with the counts), it falls back to a full partition, so the answer
-  never depends on the sample — only the time does.
+- ``kth_largest_abs`` guesses a narrow bracket around the answer from a sample, then makes one
+  pass over the values in cache-sized blocks, counting the entries below the bracket and keeping
+  those inside it. The k-th value is then selected among the few kept entries. If the bracket missed
+  (it is checked with the counts), it falls back to a full partition, so the answer never depends
+  on the sample — only the time does. ``kth_largest_abs_streamed`` does the same on values that
+  arrive block by block (a LoRA ΔW formed row block by row block: the dense module never exists).
 - ``topk_flat_indices`` uses the row maxima: the k-th largest row maximum ``m`` is a lower bound of
   the k-th largest entry (k rows each hold an entry ``≥ m``), so only entries ``≥ m`` can be in the
   top k.
@@ -24,6 +25,7 @@ Every function works on one module at a time and allocates at most one chunk bes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -59,17 +61,40 @@ def kth_largest_abs(values: torch.Tensor | np.ndarray, k: int) -> float:
     """
     flat = _as_numpy_flat(values)
     n = flat.size
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} is outside 1..{n}")
-    rank = n - k  # 0-based position in ascending order of |value|
+    _check_k(k, n)
     if n <= _SMALL:
-        return float(np.partition(np.abs(flat), rank)[rank])
-    lo, hi = _bracket(flat, rank)
-    below, inside = _count_and_collect(flat, lo, hi)
+        return float(np.partition(np.abs(flat), n - k)[n - k])
+    stride = _sample_stride(n)
+    sample = flat[stride // 2::stride]
+    return kth_largest_abs_streamed(lambda: _chunks(flat), n, k, sample)
+
+
+def kth_largest_abs_streamed(blocks: Callable[[], Iterable[np.ndarray]], numel: int, k: int,
+                             sample: np.ndarray) -> float:
+    """The ``k``-th largest ``|value|`` of values given as a stream of blocks, exactly.
+
+    Args:
+        blocks: Called to get an iterable of 1-D arrays whose concatenation is all the values
+            (a block may be overwritten by the next one). Called once, or twice when the bracket
+            from ``sample`` missed (then every ``|value|`` is collected: the exact fallback).
+        numel: Total number of values.
+        k: ``1 ≤ k ≤ numel``.
+        sample: Some of the values (any representative subset) to place the bracket.
+    """
+    _check_k(k, numel)
+    rank = numel - k  # 0-based position in ascending order of |value|
+    lo, hi = _bracket(np.abs(np.asarray(sample, dtype=np.float64)), rank, numel)
+    below, inside = _count_and_collect(blocks(), lo, hi)
     j = rank - below
     if 0 <= j < inside.size:
         return float(np.partition(inside, j)[j])
-    return float(np.partition(np.abs(flat), rank)[rank])  # the sample misled us: exact fallback
+    everything = np.concatenate([np.abs(b) for b in blocks()])  # the sample misled us: exact fallback
+    return float(np.partition(everything, rank)[rank])
+
+
+def _check_k(k: int, n: int) -> None:
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} is outside 1..{n}")
 
 
 def _as_numpy_flat(values: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -81,51 +106,63 @@ def _as_numpy_flat(values: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values).reshape(-1)
 
 
-def _bracket(flat: np.ndarray, rank: int) -> tuple[float, float]:
-    """A value interval that holds the ``rank``-th smallest ``|x|`` with high probability.
-
-    The sample is strided (prefetch-friendly) with an odd stride that is not a multiple of common
-    row lengths, so it spreads over rows and columns; a miss only costs the exact fallback.
-    """
-    n = flat.size
+def _sample_stride(n: int) -> int:
+    """An odd stride, coprime with the usual row lengths, giving about :data:`SAMPLE` entries."""
     stride = max(1, n // SAMPLE) | 1
-    while stride > 1 and math.gcd(stride, 2 * 3 * 5 * 7) != 1:  # coprime with usual row lengths
+    while stride > 1 and math.gcd(stride, 2 * 3 * 5 * 7) != 1:
         stride += 2
-    sample = np.abs(flat[stride // 2::stride])
-    m = sample.size
-    q = rank / max(n - 1, 1)
+    return stride
+
+
+def _chunks(flat: np.ndarray) -> Iterator[np.ndarray]:
+    for start in range(0, flat.size, CHUNK):
+        yield flat[start:start + CHUNK]
+
+
+def _bracket(sample_abs: np.ndarray, rank: int, numel: int) -> tuple[float, float]:
+    """A value interval that holds the ``rank``-th smallest of ``numel`` values with high probability.
+
+    Placed at the same quantile of the sample, widened by ±6σ of the sample quantile's rank (the
+    sample may be correlated, e.g. whole rows and columns); a miss only costs the exact fallback.
+    """
+    m = sample_abs.size
+    if m == 0:
+        return -math.inf, math.inf
+    q = rank / max(numel - 1, 1)
     centre = q * (m - 1)
-    margin = 4.5 * math.sqrt(m * q * (1 - q)) + 8.0  # ±4.5σ of the sample rank, plus slack
+    margin = 6.0 * math.sqrt(m * q * (1 - q)) + 8.0
     lo_i, hi_i = int(centre - margin), int(centre + margin) + 1
     picks = [i for i in (lo_i, hi_i) if 0 <= i < m]
+    work = np.array(sample_abs, dtype=np.float64)
     if picks:
-        sample.partition(picks)
-    lo = float(sample[lo_i]) if lo_i >= 0 else -math.inf
-    hi = float(sample[hi_i]) if hi_i < m else math.inf
+        work.partition(picks)
+    lo = float(work[lo_i]) if lo_i >= 0 else -math.inf
+    hi = float(work[hi_i]) if hi_i < m else math.inf
     return lo, hi
 
 
-def _count_and_collect(flat: np.ndarray, lo: float, hi: float) -> tuple[int, np.ndarray]:
-    """Number of ``|x| < lo`` and the array of ``|x|`` with ``lo ≤ |x| ≤ hi``, in one chunked pass."""
-    n = flat.size
-    size = min(CHUNK, n)
-    work = np.empty(size, dtype=flat.dtype)
-    below_mask = np.empty(size, dtype=bool)
-    inside_mask = np.empty(size, dtype=bool)
+def _count_and_collect(blocks: Iterable[np.ndarray], lo: float, hi: float) -> tuple[int, np.ndarray]:
+    """Number of ``|x| < lo`` and the array of ``|x|`` with ``lo ≤ |x| ≤ hi``, in one pass over blocks."""
     below = 0
     kept: list[np.ndarray] = []
-    lo_t, hi_t = flat.dtype.type(lo), flat.dtype.type(hi)
-    for start in range(0, n, size):
-        chunk = flat[start:start + size]
-        m = chunk.size
+    work = below_mask = inside_mask = None
+    for block in blocks:
+        m = block.size
+        if work is None or work.size < m or work.dtype != block.dtype:
+            work = np.empty(m, dtype=block.dtype)
+            below_mask = np.empty(m, dtype=bool)
+            inside_mask = np.empty(m, dtype=bool)
+        assert below_mask is not None and inside_mask is not None
         a, b, c = work[:m], below_mask[:m], inside_mask[:m]
-        np.abs(chunk, out=a)
+        lo_t, hi_t = block.dtype.type(lo), block.dtype.type(hi)
+        np.abs(block, out=a)
         np.less(a, lo_t, out=b)
         below += int(np.count_nonzero(b))
         np.less_equal(a, hi_t, out=c)
         np.logical_xor(b, c, out=c)  # lo ≤ a ≤ hi  (a < lo implies a ≤ hi)
-        kept.append(a[c])
-    return below, (np.concatenate(kept) if kept else np.empty(0, dtype=flat.dtype))
+        kept.append(np.compress(c, a))  # faster than a[c] for a sparse mask
+    dtype = work.dtype if work is not None else np.float32
+    return below, (np.concatenate(kept) if kept else np.empty(0, dtype=dtype))
 
 
 def topk_flat_indices(score: torch.Tensor, k: int) -> np.ndarray:

@@ -15,13 +15,11 @@ import torch
 from pydantic import Field
 
 from unmerge_core.adapters import LoraAdapter, common_modules
+from unmerge_core.lowrank import BLOCK_ROWS  # the same row blocks as LoraAdapter.delta: the same bits
 from unmerge_core.parallel import BufferPool, thread_map
 from unmerge_core.types import Mask, PluginParams
 
 from ..selection import topk_flat_indices
-
-
-BLOCK_ROWS = 64  # rows formed at once per adapter: 64 × 3584 float32 ≈ 0.9 MB, fits a core's L2
 
 
 class TopKParams(PluginParams):

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from unmerge_core.lowrank import LowRankDelta
 from unmerge_core.store import content_key
 
-from ..selection import kth_largest_abs, magnitude_keep_count
+from ..selection import kth_largest_abs, kth_largest_abs_streamed, magnitude_keep_count
+
+STREAM_ABOVE = 1 << 20  # entries: larger modules are streamed in row blocks, smaller ones formed densely
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -43,16 +46,25 @@ class MaskedSettings:
     consensus: bool = False  # TIES sign election
 
 
-def magnitude_statistics(delta: torch.Tensor, density: float) -> dict[str, float]:
+def magnitude_statistics(delta: LowRankDelta | torch.Tensor, density: float) -> dict[str, float]:
     """Statistics of one task's module that TIES needs: its magnitude threshold for ``density``.
 
     Returns ``{"numel", "keep", "threshold"}``: mergekit keeps the ``keep`` largest ``|ΔW|``
     (``keep = max(1, int(density · numel))``); ``threshold`` is the ``keep``-th largest ``|ΔW|``
-    (0 when everything is kept).
+    (0 when everything is kept). A :class:`LowRankDelta` is streamed block of rows by block of rows
+    (large modules) or formed densely (small ones); a tensor is used as it is.
     """
     numel = int(delta.numel())
     keep = magnitude_keep_count(density, numel)
-    threshold = 0.0 if keep >= numel or numel == 0 else kth_largest_abs(delta, keep)
+    if keep >= numel or numel == 0:
+        threshold = 0.0
+    elif isinstance(delta, LowRankDelta):
+        if numel <= STREAM_ABOVE:
+            threshold = kth_largest_abs(delta.dense(), keep)
+        else:
+            threshold = kth_largest_abs_streamed(delta.row_blocks, numel, keep, delta.sample())
+    else:
+        threshold = kth_largest_abs(delta, keep)
     return {"numel": float(numel), "keep": float(keep), "threshold": threshold}
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from unmerge_core.lowrank import LowRankDelta
 from unmerge_core.store import content_key
 from unmerge_core.types import MergeJob, PluginParams
 
@@ -75,7 +76,7 @@ class MergekitMerger:
         """What the statistics depend on (their cache key): only the TIES density."""
         return {"kind": "magnitude-threshold", "density": self.params.density}
 
-    def module_statistics(self, delta: torch.Tensor, module: str) -> dict[str, float]:
+    def module_statistics(self, delta: LowRankDelta | torch.Tensor, module: str) -> dict[str, float]:
         """One task's statistics for one module: TIES's magnitude threshold at ``density``."""
         return magnitude_statistics(delta, self.params.density)
 

@@ -378,11 +378,14 @@ class CausalAblation:
         for a in constituents:
             for m, shape in a.shapes.items():
                 shapes.setdefault(m, shape)
-        deltas = {}
-        for module, shape in shapes.items():
+        self._current = None
+        for module in list(self._editor.params):
+            if module not in shapes:
+                self._editor.set_module(module)
+        for module, shape in shapes.items():  # one module in memory at a time
             parts = [a.delta(module) if module in a.modules else torch.zeros(shape) for a in constituents]
-            deltas[module] = ctx.merger.merge_module(job, module, parts).to(torch.float32)
-        self._editor.set_delta(deltas)
+            self._editor.set_module(module, ctx.merger.merge_module(job, module, parts))
+            del parts
         self._current = ev.target_id
 
     def _target_scores(self, ev: TargetEvaluation) -> dict[str, TaskScores]:

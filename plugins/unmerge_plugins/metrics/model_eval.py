@@ -164,8 +164,9 @@ class WeightEditor:
         model: The loaded base model (its current weights are taken as the base).
         modules: Names of the linear modules that may be edited (``model.layers.0.self_attn.q_proj``).
 
-    :meth:`set_delta` sets ``W = W_base + ΔW`` exactly (from the CPU copy of the base); :meth:`edit`
-    subtracts ``scale · D`` for the duration of a ``with`` block and adds it back afterwards.
+    :meth:`set_module` / :meth:`set_delta` set ``W = W_base + ΔW`` exactly (from the CPU copy of the
+    base); :meth:`edit` subtracts ``scale · D`` for the duration of a ``with`` block and adds it back
+    afterwards (float32 weights: the round trip changes a weight by at most a few ulps).
     """
 
     def __init__(self, model: Any, modules: Sequence[str]) -> None:
@@ -186,15 +187,19 @@ class WeightEditor:
         self.base[name] = weight.detach().to("cpu", copy=True)
 
     @torch.no_grad()
+    def set_module(self, name: str, delta: torch.Tensor | None = None) -> None:
+        """``W = W_base + delta`` for one module (``W_base`` when ``delta`` is ``None``), exactly."""
+        self.add_module(name)
+        weight = self.params[name]
+        value = self.base[name].to(weight.device, torch.float32)
+        if delta is not None:
+            value = value + delta.to(weight.device, torch.float32)
+        weight.copy_(value.to(weight.dtype))
+
     def set_delta(self, deltas: Mapping[str, torch.Tensor]) -> None:
         """``W = W_base + deltas[m]`` for every module in ``deltas``; every other editable module back to base."""
-        for name in deltas:
-            self.add_module(name)
-        for name, weight in self.params.items():
-            value = self.base[name].to(weight.device, torch.float32)
-            if name in deltas:
-                value = value + deltas[name].to(weight.device, torch.float32)
-            weight.copy_(value.to(weight.dtype))
+        for name in list(dict.fromkeys([*self.params, *deltas])):
+            self.set_module(name, deltas.get(name))
 
     @contextmanager
     def edit(self, deltas: Mapping[str, torch.Tensor], scale: float) -> Iterator[None]:
