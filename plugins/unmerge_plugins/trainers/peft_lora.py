@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import random
 from pathlib import Path
 from typing import Literal
@@ -57,6 +58,7 @@ class PeftLoraTrainer:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
         from ..tasks import load_examples
 
