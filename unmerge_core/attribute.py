@@ -47,7 +47,7 @@ from .errors import PluginError, UnmergeError
 from .manager import PluginManager
 from .protocol import TargetSpec, derive_seed
 from .runner import DecomposeUnit, check_decomposition, decompose_unit, masked_vector, plugin_errors
-from .store import atomic_save_tensors, atomic_write_json, atomic_write_text, content_key, load_tensors
+from .store import atomic_save_tensors, atomic_write_json, atomic_write_text, content_key, load_tensors, to_jsonable
 from .targets import (
     EXTERNAL_GROUP,
     TargetReader,
@@ -126,7 +126,7 @@ class Attribution:
             "verdict": self.verdict,
             "verdict_rule": self.verdict_rule,
             "metrics": self.metrics,
-            "info": _jsonable(self.info),
+            "info": to_jsonable(self.info),
         }
 
 
@@ -411,9 +411,9 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
     meta = {
         "base": None if request.base is None else str(request.base),
         "dictionary": {a.name: str(a.path) for a in adapters},
-        "mask": {"masker": request.masker, "params": _jsonable(request.masker_params), "modules": len(mask.indices),
+        "mask": {"masker": request.masker, "params": to_jsonable(request.masker_params), "modules": len(mask.indices),
                  "coordinates": mask.size, "dropped_modules": dropped_modules(adapters)},
-        "decomposers": [{"plugin": n, "params": _jsonable(p)} for n, p in request.decomposers],
+        "decomposers": [{"plugin": n, "params": to_jsonable(p)} for n, p in request.decomposers],
         "options": {"support_threshold": request.support_threshold, "ood_threshold": request.ood_threshold},
     }
     write_report(request.output_dir, reports, atom_names, meta, warnings)
@@ -693,20 +693,6 @@ def request_from_args(args: Any) -> AttributeRequest:
         truth_yaml=truth_yaml, truth_json=truth_json, support_threshold=args.support_threshold,
         ood_threshold=args.ood_threshold, allow_pickle=args.allow_pickle, seed=args.seed,
     )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 __all__ = [

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tabulate import tabulate
 
-from .store import atomic_write_json, atomic_write_text
+from .store import atomic_write_json, atomic_write_text, to_jsonable
 from .types import Decomposition
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class ResultTable:
             decomposer, spec.target_id, spec.group, spec.method, spec.tasks, spec.weights,
             [float(c) for c in result.coefficients],
             None if result.support is None else [bool(s) for s in result.support],
-            result.out_of_dictionary, metrics, _jsonable(result.info),
+            result.out_of_dictionary, metrics, to_jsonable(result.info),
         ))
 
     @property
@@ -150,14 +150,3 @@ def write_results(run_dir: Path, table: ResultTable, manifest: Manifest | None =
         return
     write_plots(run_dir, table)
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    return value

@@ -61,6 +61,17 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types from nested mappings, sequences, numpy values and paths."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (np.ndarray, np.floating, np.integer, np.bool_, Path)):
+        return _json_default(value)
+    return value
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
