@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from tabulate import tabulate
@@ -17,6 +18,8 @@ from .types import STAGE_NAMES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A transformers 5.x deprecation notice raised inside PEFT on every model load; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
