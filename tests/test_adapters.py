@@ -40,14 +40,19 @@ def test_delta_at_equals_dense_gather(base_and_adapter) -> None:
     torch.testing.assert_close(adapter.delta_at(module, idx), dense[idx])
 
 
+def copy_with_config(adapter_dir, copy, **changes):
+    """The same adapter weights under a changed adapter_config.json; returns the new config."""
+    copy.mkdir()
+    cfg = {**json.loads((adapter_dir / "adapter_config.json").read_text()), **changes}
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    (copy / "adapter_model.safetensors").write_bytes((adapter_dir / "adapter_model.safetensors").read_bytes())
+    return cfg
+
+
 def test_rslora_scale(base_and_adapter, tmp_path) -> None:
     _, _, adapter_dir = base_and_adapter
     copy = tmp_path / "rs"
-    copy.mkdir()
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    cfg["use_rslora"] = True
-    (copy / "adapter_config.json").write_text(json.dumps(cfg))
-    (copy / "adapter_model.safetensors").write_bytes((adapter_dir / "adapter_model.safetensors").read_bytes())
+    cfg = copy_with_config(adapter_dir, copy, use_rslora=True)
     m = LoraAdapter(copy).module_names[0]
     assert LoraAdapter(copy).scale(m) == pytest.approx(cfg["lora_alpha"] / cfg["r"] ** 0.5)
 
@@ -71,11 +76,7 @@ def test_fan_in_fan_out_adapters_are_transposed(base_and_adapter, tmp_path) -> N
     """Regression: GPT-2-style (Conv1D) adapters store the base weight as (in, out); ΔW = (B·A)ᵀ."""
     _, _, adapter_dir = base_and_adapter
     copy = tmp_path / "fifo"
-    copy.mkdir()
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    cfg["fan_in_fan_out"] = True
-    (copy / "adapter_config.json").write_text(json.dumps(cfg))
-    (copy / "adapter_model.safetensors").write_bytes((adapter_dir / "adapter_model.safetensors").read_bytes())
+    copy_with_config(adapter_dir, copy, fan_in_fan_out=True)
     plain, fifo = LoraAdapter(adapter_dir), LoraAdapter(copy)
     module = next(m for m in plain.module_names if "k_proj" in m)  # not square: (16, 32)
     assert fifo.shapes[module] == tuple(reversed(plain.shapes[module]))

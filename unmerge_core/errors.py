@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+from typing import Any
+
 
 class UnmergeError(Exception):
     """A mistake in the user's input (manifest, registry, paths, plugin choice).
@@ -21,3 +25,13 @@ class PluginError(UnmergeError):
         super().__init__(f"{stage} plugin '{plugin}': {message}")
         self.stage = stage
         self.plugin = plugin
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or invalid TOML is a one-line :class:`UnmergeError`."""
+    if not path.is_file():
+        raise UnmergeError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UnmergeError(f"{path}: invalid TOML: {exc}") from None

@@ -9,7 +9,6 @@ against that plugin's own model. Any problem raises :class:`UnmergeError` with o
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +16,7 @@ from typing import Any, Literal
 from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UnmergeError
+from .errors import UnmergeError, read_toml
 from .manager import PluginManager, format_validation_error, validate_params
 from .per_layer import PerLayerDecomposer, PerLayerOptions
 from .registry import Registry
@@ -204,12 +203,7 @@ class Manifest:
 def load_manifest(path: str | Path, manager: PluginManager | None = None) -> Manifest:
     """Read, validate and resolve a manifest. Raises :class:`UnmergeError` with one line per problem."""
     path = Path(path)
-    if not path.is_file():
-        raise UnmergeError(f"manifest not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UnmergeError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_toml(path, "manifest")
     try:
         file = ManifestFile.model_validate(raw)
     except ValidationError as exc:

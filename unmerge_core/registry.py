@@ -8,13 +8,12 @@ trainer plugins that read the data. ``[plugins.<name>]`` tables list first-party
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import UnmergeError
+from .errors import UnmergeError, read_toml
 from .manager import format_validation_error
 from .types import TaskInfo
 
@@ -58,12 +57,7 @@ class Registry:
     @classmethod
     def load(cls, path: str | Path) -> Registry:
         path = Path(path)
-        if not path.is_file():
-            raise UnmergeError(f"registry file not found: {path}")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise UnmergeError(f"{path}: invalid TOML: {exc}") from None
+        raw = read_toml(path, "registry file")
         try:
             data = RegistryFile.model_validate(raw)
         except ValidationError as exc:
