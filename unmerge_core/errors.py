@@ -49,7 +49,7 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "", plugin: A
         if err["type"] == "extra_forbidden":
             allowed = ""
             if plugin is not None and len(loc) == 1:
-                fields = ", ".join(plugin.params.model_fields)
+                fields = ", ".join(f.alias or name for name, f in plugin.params.model_fields.items())
                 allowed = f"; {plugin.stage.value} plugin '{plugin.name}' accepts: {fields or '(no parameters)'}"
             msg = f"unknown field{allowed}"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):

@@ -308,8 +308,9 @@ class RunContext:
         adapter_dirs: Task name -> PEFT adapter directory, for every task of the run.
         tasks: Task name -> registry entry (data source for held-out evaluation).
         mask: The mask the vectors were taken on.
-        merger: The merger object of the run; ``merger.merge_module(job, module, deltas)`` recomputes
-            a target's full ΔW module by module.
+        merger: The first merger object of the run (a run may list several); use
+            :meth:`target_deltas` for a target's full ΔW — it picks the merger of the target's method
+            and hands full-weight methods the base model.
         seed: The manifest's seed.
         run_dir: The run directory (for metric artifacts).
         targets: Every target the run made, in run order (with its group), so a metric can choose

@@ -192,7 +192,8 @@ class ManifestFile(_Strict):
     metrics: list[PluginRef] = Field(default_factory=lambda: [PluginRef(plugin=n) for n in DEFAULT_METRICS],
                                      max_length=MAX_PLUGINS)
     output: Output = Field(default_factory=Output)
-    base: str | None = Field(None, min_length=1, description="base model directory, for full-model [[targets]]")
+    base: str | None = Field(None, min_length=1, description="base model directory, for full-model [[targets]] and merge methods defined on full "
+                                                               "weights (default: the model the adapters name)")
     targets: list[ExternalTarget] = Field(default_factory=list, max_length=MAX_TASKS,
                                           description="existing models or adapters to attribute")
 
@@ -419,7 +420,7 @@ def manifest_from_data(raw: dict[str, Any], path: Path, manager: PluginManager |
     if file.output.store and (store_problem := check_output_dir(Path(file.output.store))):
         errors.append(f"{path}: output.store: {file.output.store!r} cannot hold the artifact store: {store_problem}")
     if all(mergers):
-        _check_methods(path, file, [m for m in mergers if m is not None], trainer, errors)
+        _check_methods(path, file, [m for m in mergers if m is not None], trainer, errors, manager)
     if errors:
         raise UnmergeError("\n".join(errors))
     assert trainer and all(mergers) and masker
@@ -524,7 +525,7 @@ def _count_phrase(lo: int, hi: int | None) -> str:
 
 
 def _check_methods(path: Path, file: ManifestFile, mergers: list[ResolvedPlugin], trainer: ResolvedPlugin | None,
-                   errors: list[str]) -> None:
+                   errors: list[str], manager: PluginManager) -> None:
     """Each protocol method is offered by exactly one merger, takes the protocol's task counts, and has
     the base weights it needs."""
     proto = file.protocol
@@ -538,8 +539,10 @@ def _check_methods(path: Path, file: ManifestFile, mergers: list[ResolvedPlugin]
         owners = offered.get(method, [])
         if not owners:
             who = f"merger {names} has no method" if len(mergers) == 1 else f"no merger ({names}) has method"
-            errors.append(f"{where}: {who} {short_repr(method)}; "
-                          f"{choose_one_of(method, sorted(offered))}")
+            elsewhere = [p.name for p in manager.plugins("merger") if method in p.merge_methods()]
+            hint = (f"; the installed merger plugin '{elsewhere[0]}' offers it: add [[merger]] plugin = "
+                    f"\"{elsewhere[0]}\"" if elsewhere else f"; {choose_one_of(method, sorted(offered))}")
+            errors.append(f"{where}: {who} {short_repr(method)}{hint}")
             continue
         if len(owners) > 1:
             errors.append(f"{where}: method {short_repr(method)} is offered by several mergers "
@@ -564,6 +567,16 @@ def _check_methods(path: Path, file: ManifestFile, mergers: list[ResolvedPlugin]
         elif "mixed" in proto.groups and span[1] < 2:
             errors.append(f"{where}: {method} merges {_count_phrase(lo, hi)} (merger '{plugin.label}'): the mixed "
                           "group needs at least 2 (one known, one unknown); drop mixed from protocol.groups")
+        else:
+            available = {"known": len(file.tasks.known), "unknown": len(file.tasks.unknown),
+                         "mixed": len(file.tasks.known) + len(file.tasks.unknown)}
+            for group in proto.groups:
+                low = max(span[0], 2) if group == "mixed" else span[0]
+                if low > min(span[1], available[group]):
+                    errors.append(f"{where}: {method} targets need at least {low} tasks (merger '{plugin.label}', "
+                                  f"protocol.min_tasks {proto.min_tasks}), but the {group} group draws from "
+                                  f"{available[group]}")
+                    break
         if method in getattr(merger, "base_methods", ()) and trainer is not None \
                 and Capability.BASE_MODEL not in trainer.spec.provides:
             errors.append(f"{where}: {method} is defined on full weights and needs the base model's weights "

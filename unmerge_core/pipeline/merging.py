@@ -55,20 +55,39 @@ def needs_base_weights(merger: Any, method: str) -> bool:
     return isinstance(merger, BaseWeightMerger) and method in merger.base_methods
 
 
-class BaseWeights:
-    """The base model's weight of each module, read on demand from the checkpoint the adapters name."""
+def base_model_path(adapters: Sequence[LoraAdapter], method: str, label: str, base: Path | None = None) -> Path:
+    """The base model a full-weight ``method`` merges on: ``base`` (the manifest's ``base``) when given,
+    else the one local directory every constituent's ``base_model_name_or_path`` names."""
+    if base is not None:
+        return Path(base).resolve()
+    named = {a.base_model for a in adapters}
+    if None in named:
+        raise PluginError("merger", label, f"{method} needs the base model's weights, but an adapter names no "
+                                           "base model in adapter_config.json; set base = \"<model dir>\" in the manifest")
+    paths = {Path(str(n)).expanduser().resolve() for n in named}
+    if len(paths) != 1:
+        shown = ", ".join(sorted(str(n) for n in named))
+        raise PluginError("merger", label, f"{method} needs one base model, but the adapters name different ones "
+                                           f"({shown})")
+    path = next(iter(paths))
+    if not path.exists():
+        raise PluginError("merger", label, f"{method} needs the base model's weights: {next(iter(named))} (the "
+                                           "adapters' base_model_name_or_path) is not a local model directory; set "
+                                           "base = \"<model dir>\" in the manifest")
+    return path
 
-    def __init__(self, adapters: Sequence[LoraAdapter], method: str, label: str) -> None:
-        named = {a.base_model for a in adapters}
-        if len(named) != 1 or None in named:
-            shown = ", ".join(sorted(str(n) for n in named))
-            raise PluginError("merger", label, f"{method} needs the base model's weights, but the constituents "
-                                               f"name {'no base model' if named == {None} else 'different ones'} "
-                                               f"({shown}) in adapter_config.json")
-        path = Path(str(next(iter(named))))
-        if not path.exists():
-            raise PluginError("merger", label, f"{method} needs the base model's weights: {path} (the adapters' "
-                                               "base_model_name_or_path) is not a local model directory")
+
+def base_fingerprint(path: Path) -> list[Any]:
+    """What a full-weight target depends on besides its adapters: the base's weight files (name, size,
+    modification time), so replacing the base model invalidates those targets."""
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return [str(path), [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+
+
+class BaseWeights:
+    """The base model's weight of each module, read on demand from its checkpoint."""
+
+    def __init__(self, path: Path) -> None:
         self.checkpoint = Checkpoint(path)
 
     def module(self, module: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -228,19 +247,21 @@ def masked_target(merger: Any, job: MergeJob, mask: Mask, vectors_path: Path,
 
 
 def dense_target_modules(merger: Any, job: MergeJob, adapters: Sequence[LoraAdapter], modules: Sequence[str],
-                         shapes: Mapping[str, tuple[int, int]], label: str = "merger") -> Iterator[tuple[str, torch.Tensor]]:
+                         shapes: Mapping[str, tuple[int, int]], label: str = "merger",
+                         base: Path | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The dense route — the one loop that forms a target's full ΔW, module by module.
 
     For each module: every constituent's dense ΔW (zeros where it does not adapt the module), merged
     by ``merger.merge_module`` — or, for a method defined on full weights, by
-    ``merger.merge_module_on_base`` with the base model's weight of the module. One module of every
-    constituent is in memory at a time.
+    ``merger.merge_module_on_base`` with the base model's weight of the module (``base``, else the
+    model the adapters name). One module of every constituent is in memory at a time.
     """
-    base = BaseWeights(adapters, job.method, label) if needs_base_weights(merger, job.method) else None
+    weights = (BaseWeights(base_model_path(adapters, job.method, label, base))
+               if needs_base_weights(merger, job.method) else None)
     for module in modules:
         shape = tuple(shapes[module])
         deltas = [a.delta(module) if module in a.modules else torch.zeros(shape) for a in adapters]
-        base_weight = base.module(module, shape) if base is not None else None
+        base_weight = weights.module(module, shape) if weights is not None else None
         with plugin_errors("merger", label):
             if base_weight is not None:
                 merged = merger.merge_module_on_base(job, module, deltas, base_weight)
@@ -281,16 +302,16 @@ def lowrank_masked_vector(merger: Any, job: MergeJob, adapters: Sequence[LoraAda
 
 
 def dense_masked_vector(merger: Any, job: MergeJob, adapters: Sequence[LoraAdapter], mask: Mask,
-                        label: str = "merger") -> np.ndarray:
+                        label: str = "merger", base: Path | None = None) -> np.ndarray:
     """A target on the mask by the dense route (float64, ``mask.slices()`` order): what the runner does
     for methods without a masked form, and the reference the fast path is compared with."""
     pieces = [merged.reshape(-1).to(torch.float64).numpy()[np.asarray(mask.indices[module], dtype=np.int64)]
-              for module, merged in dense_target_modules(merger, job, adapters, mask.modules, mask.shapes, label)]
+              for module, merged in dense_target_modules(merger, job, adapters, mask.modules, mask.shapes, label, base)]
     return np.concatenate(pieces) if pieces else np.zeros(0)
 
 
 def run_target_deltas(merger: Any, adapter_dirs: Mapping[str, Path], label: str,
-                      job: MergeJob) -> Iterator[tuple[str, torch.Tensor]]:
+                      job: MergeJob, base: Path | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every module any constituent of ``job`` adapts, merged densely (what :meth:`RunContext.target_deltas` gives).
 
     ``adapter_dirs`` maps training names (``task``, or ``task@variant`` for ``job.sources``) to adapters.
@@ -301,4 +322,4 @@ def run_target_deltas(merger: Any, adapter_dirs: Mapping[str, Path], label: str,
     for adapter in adapters:
         for module, shape in adapter.shapes.items():
             shapes.setdefault(module, shape)
-    yield from dense_target_modules(merger, job, adapters, list(shapes), shapes, label)
+    yield from dense_target_modules(merger, job, adapters, list(shapes), shapes, label, base)

@@ -29,6 +29,7 @@ import torch
 
 from unmerge_core import __version__
 from unmerge_core.config.manifest import Manifest, ResolvedPlugin
+from unmerge_core.config.targets import manifest_path
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
 from unmerge_core.io.adapters import LoraAdapter
 from unmerge_core.io.masks import load_mask, masked_vector, save_mask
@@ -46,9 +47,12 @@ from unmerge_core.pipeline.executor import Executor, SequentialExecutor, progres
 from unmerge_core.pipeline.external import score_external_targets
 from unmerge_core.pipeline.merging import (
     StatisticsUnit,
+    base_fingerprint,
+    base_model_path,
     dense_masked_vector,
     lowrank_masked_vector,
     masked_target,
+    needs_base_weights,
     needs_statistics,
     run_target_deltas,
     statistics_key,
@@ -128,10 +132,11 @@ class RoutedDenseMerge:
 
     mergers: Mapping[str, ResolvedPlugin]
     adapter_dirs: Mapping[str, Path]
+    base_model: Path | None = None
 
     def __call__(self, job: MergeJob) -> Iterator[tuple[str, torch.Tensor]]:
         plugin = self.mergers[job.method]
-        return run_target_deltas(plugin.instance(), self.adapter_dirs, plugin.label, job)
+        return run_target_deltas(plugin.instance(), self.adapter_dirs, plugin.label, job, self.base_model)
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,7 @@ class MergeUnit:
     vectors_path: Path | None = None
     statistics_dirs: tuple[Path | None, ...] = ()
     trainings: tuple[str, ...] = ()  # the constituents' training names (their vectors' names)
+    base_model: Path | None = None  # for methods defined on full weights
 
 
 def merge_unit(unit: MergeUnit) -> Path:
@@ -167,12 +173,21 @@ def merge_unit(unit: MergeUnit) -> Path:
                                                     unit.plugin.label, unit.trainings or job.tasks))
         else:
             adapters = [LoraAdapter(p, name) for p, name in zip(unit.adapter_dirs, unit.spec.tasks)]
-            route = lowrank_masked_vector if supports_lowrank(merger, job.method) else dense_masked_vector
-            vector = torch.from_numpy(route(merger, job, adapters, mask, unit.plugin.label))
+            if supports_lowrank(merger, job.method):
+                vector = torch.from_numpy(lowrank_masked_vector(merger, job, adapters, mask, unit.plugin.label))
+            else:
+                vector = torch.from_numpy(dense_masked_vector(merger, job, adapters, mask, unit.plugin.label,
+                                                              unit.base_model))
         if not torch.isfinite(vector).all():
             raise PluginError("merger", unit.plugin.label,
                               f"target {job.target_id} ({job.method}) has NaN or inf although its constituents are "
                               "finite: the merge overflowed (check merger.params, e.g. lambda, and the adapters' scale)")
+        if not vector.any() and any(masked_vector(LoraAdapter(p, n), mask).any()
+                                    for p, n in zip(unit.adapter_dirs, unit.spec.tasks)):
+            raise PluginError("merger", unit.plugin.label,
+                              f"target {job.target_id} ({job.method}) is zero on every mask coordinate although its "
+                              "constituents are not: these merge parameters remove everything (check merger.params, "
+                              "e.g. a threshold or epsilon above the weights' scale)")
         atomic_save_tensors(tmp / "target.safetensors", {"vector": vector})
         atomic_write_json(tmp / "target.json", unit.spec.as_dict())
 
@@ -287,11 +302,12 @@ class Runner:
         for message in dictionary_warnings(dictionary, atom_names):
             self.warn(message)
         specs = generate_targets(self.m)
-        targets = self.merge(specs, adapter_dirs, mask_dir)
+        base_model = self.full_weight_base(specs, adapter_dirs)
+        targets = self.merge(specs, adapter_dirs, mask_dir, base_model)
         context = RunContext(adapter_dirs, {t.name: t for t in self.m.all_tasks}, mask, self.m.merger.instance(),
                              self.m.seed, self.run_dir, tuple(specs),
                              RoutedDenseMerge({m: self.m.merger_for(m) for m in self.m.protocol.methods},
-                                              adapter_dirs))
+                                              adapter_dirs, base_model))
         metrics = [(r, r.build()) for r in self.m.metrics]
         adapter_keys = {name: self.training_key(name) for name in adapter_dirs}
         categories = {name: self._task(name.partition("@")[0]).category for name in adapter_dirs}
@@ -407,8 +423,20 @@ class Runner:
                                 {k: torch.from_numpy(v) for k, v in vectors.items()})
         return vectors
 
+    def full_weight_base(self, specs: Sequence[MergeJob], adapter_dirs: dict[str, Path]) -> Path | None:
+        """The base model of the run's full-weight merges (``None`` when it has none): the manifest's
+        ``base``, else the one model every adapter those merges use names — checked over all of them
+        before any target is merged, not only within each target."""
+        users = [s for s in specs if needs_base_weights(self.m.merger_for(s.method).instance(), s.method)]
+        if not users:
+            return None
+        names = sorted({n for s in users for n in constituent_trainings(s)})
+        explicit = manifest_path(self.m.path, self.m.file.base) if self.m.file.base else None
+        label = self.m.merger_for(users[0].method).label
+        return base_model_path([LoraAdapter(adapter_dirs[n], n) for n in names], users[0].method, label, explicit)
+
     def merge(self, specs: Sequence[MergeJob], adapter_dirs: dict[str, Path],
-              mask_dir: Path) -> dict[str, tuple[np.ndarray, str]]:
+              mask_dir: Path, base_model: Path | None = None) -> dict[str, tuple[np.ndarray, str]]:
         """Every target's masked vector and its artifact key, by target id."""
         vectors_path = self.run_dir / "task_vectors.safetensors"
         fast = vectors_path.is_file()
@@ -417,11 +445,16 @@ class Runner:
         for spec in specs:
             names = constituent_trainings(spec)
             plugin = self.m.merger_for(spec.method)
-            key = content_key("target", plugin.config(), spec.as_dict(),
-                              [self.training_key(n) for n in names], mask_dir.name)
+            on_base = base_model is not None and needs_base_weights(plugin.instance(), spec.method)
+            key_parts: list[Any] = [plugin.config(), spec.as_dict(), [self.training_key(n) for n in names],
+                                    mask_dir.name]
+            if on_base:  # a full-weight target also depends on the base model's files
+                key_parts.append(base_fingerprint(base_model))  # type: ignore[arg-type]
+            key = content_key("target", *key_parts)
             units.append(MergeUnit(plugin, spec, key, tuple(adapter_dirs[n] for n in names),
                                    mask_dir, self.store.root, vectors_path if fast else None,
-                                   tuple(stats.get((plugin.label, n)) for n in names), names))
+                                   tuple(stats.get((plugin.label, n)) for n in names), names,
+                                   base_model if on_base else None))
         reused = sum(self.store.exists("targets", u.key) for u in units)
         labels = ", ".join(p.label for p in self.m.mergers)
         with self.stage("merger", len(units), reused):

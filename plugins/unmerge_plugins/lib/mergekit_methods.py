@@ -84,16 +84,17 @@ METHOD_FACTS: dict[str, MethodFacts] = {
     "model_stock": MethodFacts({"pretrained": InputMode(min_tasks=2)}, weighted=False,
                                summary="mean ΔW scaled by the tasks' mutual cosine"),
     "multislerp": MethodFacts({"pretrained": InputMode(), "none": InputMode(needs_base_weights=True)},
-                              ranges={"eps": {"gt": 0.0}}, summary="spherical barycentre of the inputs"),
+                              ranges={"eps": {"gt": 0.0, "le": 1e-3}}, summary="spherical barycentre of the inputs"),
     "nuslerp": MethodFacts({"pretrained": InputMode(2, 2), "none": InputMode(2, 2, needs_base_weights=True)},
                            summary="slerp of two task vectors (or two models)"),
     "slerp": MethodFacts({"first_task": InputMode(2, 2, needs_base_weights=True),
                           "pretrained": InputMode(1, 1, needs_base_weights=True)},
-                         ranges={"t": {"ge": 0.0, "le": 1.0}},
+                         ranges={"t": {"gt": 0.0, "lt": 1.0}},  # 0 or 1 would return one model alone
                          summary="spherical interpolation of two full models (t: default w₂ / (w₁ + w₂))"),
     "karcher": MethodFacts({"none": InputMode(needs_base_weights=True),
                             "pretrained": InputMode(needs_base_weights=True)}, weighted=False,
-                           ranges={"max_iter": {"ge": 0}, "tol": {"gt": 0.0}},
+                           # a tolerance near the norms' scale makes mergekit return zeros (target = −W0)
+                           ranges={"max_iter": {"ge": 1, "le": 1000}, "tol": {"gt": 0.0, "le": 1e-2}},
                            summary="Riemannian (Karcher) mean of the full models"),
     "nearswap": MethodFacts({"first_task": InputMode(2, 2), "pretrained": InputMode(1, 1)}, weighted=False,
                             ranges={"t": {"gt": 0.0}},
@@ -152,6 +153,13 @@ def method_params_model(method: str) -> type[BaseModel]:
     modes = tuple(facts.modes)
     fields["base_mode"] = (Literal[modes], Field(modes[0], description="which input is mergekit's base_model"))  # type: ignore[valid-type]
     validators: dict[str, Any] = {}
+    if "lambda_" in fields:
+        def _nonzero(self: Any) -> Any:
+            if self.lambda_ == 0:
+                raise ValueError("lambda = 0 makes every target zero")
+            return self
+
+        validators["lambda_nonzero"] = model_validator(mode="after")(_nonzero)
     if "epsilon" in fields and "density" in fields:
         def _window(self: Any) -> Any:
             if self.density < 1 and not (0 < self.density - self.epsilon and self.density + self.epsilon < 1):
@@ -160,7 +168,7 @@ def method_params_model(method: str) -> type[BaseModel]:
 
         validators["della_window"] = model_validator(mode="after")(_window)
     return create_model(f"{method.title().replace('_', '')}Params",  # type: ignore[call-overload]
-                        __config__=ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False),
+                        __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
                         __validators__=validators, **fields)
 
 

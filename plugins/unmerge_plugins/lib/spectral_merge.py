@@ -1,8 +1,8 @@
 """Linear algebra shared by the SVD-based mergers (TSV-M, Iso-C, Iso-CTS), factored for LoRA inputs.
 
 A LoRA task vector is ``τ = scale · B · A`` with ``B`` (out × r) and ``A`` (r × in). The T constituents of
-a target stack into ``L = [w₁s₁B₁ … w_Ts_TB_T]`` (out × K) and ``R = [A₁; …; A_T]`` (K × in), K = Σ rₜ, and
-every matrix these methods form — each weighted task, their sum, a task projected off a subspace —
+a target stack into ``L = [B₁/‖B₁‖ … B_T/‖B_T‖]`` (out × K) and ``R = [A₁/‖A₁‖; …]`` (K × in), K = Σ rₜ,
+each constituent's scale ``wₜ · scaleₜ · ‖Bₜ‖ · ‖Aₜ‖`` kept aside, and every matrix these methods form — each weighted task, their sum, a task projected off a subspace —
 is ``L · C · R`` for a small K × K core ``C``. :class:`LowRankFrame` works only with the two Gram
 matrices ``LᵀL`` and ``RRᵀ`` (two K × K products, the only operations that touch out- or in-sized
 data) and K × K algebra:
@@ -124,11 +124,21 @@ class LowRankFrame:
     """
 
     def __init__(self, tasks: Sequence[LowRankDelta], weights: Sequence[float]) -> None:
-        self.left = torch.cat([t.b.to(DTYPE) * (t.scale * w) for t, w in zip(tasks, weights)], dim=1)
-        self.right = torch.cat([t.a.to(DTYPE) for t in tasks], dim=0)
+        # each constituent's factors are normalised and its scale (weight · α/r · ‖B‖ · ‖A‖) moves into
+        # the core: a constituent a million times smaller than another keeps its own directions in
+        # the basis, as it does in the dense route
+        lefts, rights, scales = [], [], []
+        for task, weight in zip(tasks, weights):
+            b, a = task.b.to(DTYPE), task.a.to(DTYPE)
+            norm_b, norm_a = float(torch.linalg.norm(b)), float(torch.linalg.norm(a))
+            lefts.append(b / norm_b if norm_b > 0 else b)
+            rights.append(a / norm_a if norm_a > 0 else a)
+            scales.append(torch.full((int(a.shape[0]),), task.scale * weight * norm_b * norm_a, dtype=DTYPE))
+        self.left = torch.cat(lefts, dim=1)
+        self.right = torch.cat(rights, dim=0)
+        self.scales = torch.cat(scales)
         self.shape = (int(self.left.shape[0]), int(self.right.shape[1]))
-        ranks = [int(t.a.shape[0]) for t in tasks]
-        bounds = np.cumsum([0, *ranks])
+        bounds = np.cumsum([0, *[int(t.a.shape[0]) for t in tasks]])
         self.blocks = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         self.gram_left = self.left.T @ self.left
         self.gram_right = self.right @ self.right.T
@@ -136,22 +146,23 @@ class LowRankFrame:
         self._coef_right, self._root_right, top_right = _basis(self.gram_right)
         # round-off of the K × K algebra, relative to the stack's scale: a zero constituent gives
         # singular values of 1e-16 · ‖L‖‖R‖, which are zero, not its spectrum
-        self.noise = NOISE * (top_left * top_right) ** 0.5
+        largest = float(self.scales.abs().max()) if self.scales.numel() else 0.0
+        self.noise = NOISE * largest * (top_left * top_right) ** 0.5
 
     @property
     def size(self) -> int:
         return int(self.left.shape[1])
 
     def selector(self, task: int) -> torch.Tensor:
-        """The core of constituent ``task`` alone (``L · E · R = wₜ τₜ``)."""
+        """The core of constituent ``task`` alone (``L · core · R = wₜ τₜ``)."""
         core = torch.zeros(self.size, self.size, dtype=DTYPE)
         block = self.blocks[task]
-        core[block, block] = torch.eye(block.stop - block.start, dtype=DTYPE)
+        core[block, block] = torch.diag(self.scales[block])
         return core
 
-    def identity(self) -> torch.Tensor:
+    def sum_core(self) -> torch.Tensor:
         """The core of the weighted sum ``Σ wₜ τₜ``."""
-        return torch.eye(self.size, dtype=DTYPE)
+        return torch.diag(self.scales)
 
     def svd(self, core: torch.Tensor, ref: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exact-rank SVD of ``L · core · R`` as ``(X_U, s, X_V)``: ``U = L · X_U``, ``V = Rᵀ · X_V``."""
@@ -241,7 +252,7 @@ class FactoredSpace(SpectralSpace):
         return self.frame.svd(self.frame.selector(i), ref)
 
     def sum_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.frame.svd(self.frame.identity())
+        return self.frame.svd(self.frame.sum_core())
 
     def projected_svd(self, i: int, basis: torch.Tensor,
                       ref: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

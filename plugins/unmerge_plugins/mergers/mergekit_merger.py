@@ -176,8 +176,12 @@ class MergekitMerger:
 
     @property
     def unweighted_methods(self) -> frozenset[str]:
-        """Methods that ignore the target's per-task weights (mergekit gives them no ``weight``)."""
-        return frozenset(m for m in METHODS if not METHOD_FACTS[m].weighted)
+        """Methods that ignore the target's per-task weights: mergekit gives them no ``weight``, or
+        (slerp with ``t`` set) the plugin's parameters replace the weights."""
+        out = {m for m in METHODS if not METHOD_FACTS[m].weighted}
+        if self.params.methods.get("slerp", {}).get("t") is not None:
+            out.add("slerp")
+        return frozenset(out)
 
     # -- fast path (see unmerge_core.hookspecs.unmerge_mergers) -------------------------------------
     @property
@@ -186,8 +190,13 @@ class MergekitMerger:
         if self.params.path != "fast":
             return frozenset()
         # the masked form has no L1 rescale after a magnitude trim: ties with rescale = true goes dense
-        return frozenset(m for m in MASKED_METHODS
-                         if not (m == "ties" and getattr(self.settings(m), "rescale", False)))
+        return frozenset(m for m in MASKED_METHODS if not (m == "ties" and self._ties_rescales()))
+
+    def _ties_rescales(self) -> bool:
+        try:
+            return bool(getattr(self.settings("ties"), "rescale", False))
+        except ValueError:  # reported by check_method when ties is used
+            return False
 
     @property
     def statistics_methods(self) -> frozenset[str]:
@@ -200,7 +209,10 @@ class MergekitMerger:
 
     @property
     def _ties_density(self) -> float:
-        return float(self.settings("ties").density)  # type: ignore[attr-defined]
+        try:
+            return float(self.settings("ties").density)  # type: ignore[attr-defined]
+        except ValueError:  # reported by check_method when ties is used
+            return float(self.params.density)
 
     def module_statistics(self, delta: LowRankDelta | torch.Tensor, module: str) -> dict[str, float]:
         """One task's statistics for one module: TIES's magnitude threshold at ``density``."""
@@ -267,6 +279,10 @@ class MergekitMerger:
             merged = merge_tensors(full, job.method, ids=ids, base_index=0, parameters=params)
         else:
             merged = merge_tensors(full, job.method, ids=ids, parameters=params)
+        if not merged.any() and any(bool(f.any()) for f in full):
+            # e.g. Karcher with a tolerance above the weights' norms: the "merge" would be −W0
+            raise ValueError(f"mergekit's {job.method} returned an all-zero weight for {module} from non-zero "
+                             f"models; check merger.params.methods.{job.method}")
         return merged - base
 
 

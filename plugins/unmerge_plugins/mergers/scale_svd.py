@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from unmerge_core import MergeJob, PluginParams, PluginSpec, Stage
+from unmerge_core import MergeJob, PluginParams, PluginSpec, Stage, content_key
 
 RANK_RTOL = 1e-5
 """Singular values below this share of the largest do not count towards a task vector's rank."""
@@ -106,7 +106,11 @@ class ScaleSvdMerger:
         self.params = params
 
     def merge_module(self, job: MergeJob, module: str, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = sum(w * scale_svd(d, self.params) for d, w in zip(deltas, job.weights))
+        # the randomized SVD draws from torch's global generator: fix it per (target, module) so a
+        # rerun gives the same target, without touching the caller's generator state
+        with torch.random.fork_rng():
+            torch.manual_seed(int(content_key("scale-svd", job.seed, module), 16) % 2**63)
+            total = sum(w * scale_svd(d, self.params) for d, w in zip(deltas, job.weights))
         return (self.params.alpha * total).to(torch.float32)  # type: ignore[union-attr]
 
 

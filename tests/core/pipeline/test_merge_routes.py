@@ -58,10 +58,35 @@ def error_of(path) -> str:
      "tall-consensus merges at least 4 tasks (merger 'tall-consensus'), but protocol.min_tasks..max_tasks is 2..3"),
     ({'[merger]\nplugin = "mergekit"': '[merger]\nplugin = "mergekit"\nparams = { methods = { dela = {} } }'},
      "merger.params.methods: 'dela' is not a mergekit method; did you mean 'della'?"),
+    ({'unknown = ["zeta", "eta"]': 'unknown = ["zeta"]', "min_tasks = 2": "min_tasks = 1",
+      "targets_per_group = 4": 'targets_per_group = 4\nmethods = ["model_stock"]'},
+     "protocol.methods[0]: model_stock targets need at least 2 tasks (merger 'mergekit', protocol.min_tasks 1), "
+     "but the unknown group draws from 1"),
+    ({"targets_per_group = 4": 'targets_per_group = 4\nmethods = ["tsv-m"]'},
+     "protocol.methods[0]: merger 'mergekit' has no method 'tsv-m'; the installed merger plugin 'tsv-m' offers it: "
+     'add [[merger]] plugin = "tsv-m"'),
+    ({'[merger]\nplugin = "mergekit"': '[merger]\nplugin = "mergekit"\nparams = { methods = { task_arithmetic = '
+                                       '{ lambda = 0.0 } } }'},
+     "merger.params.methods: task_arithmetic.lambda = 0 makes every target zero"),
+    ({'[merger]\nplugin = "mergekit"': '[merger]\nplugin = "mergekit"\nparams = { methods = { task_arithmetic = '
+                                       '{ lambda_ = 2.0 } } }'},
+     "merger.params.methods: task_arithmetic.lambda_: Extra inputs are not permitted"),
+    ({'[merger]\nplugin = "mergekit"': '[merger]\nplugin = "mergekit"\nparams = { methods = { karcher = '
+                                       '{ tol = 0.5 } } }'},
+     "merger.params.methods: karcher.tol: Input should be less than or equal to 0.01"),
 ])
 def test_method_problems_are_one_line_at_validate_time(write_manifest, replace, expected) -> None:
     message = error_of(write_manifest(**replace))
     assert expected in message and "\n" not in message
+
+
+def test_a_merge_that_removes_everything_is_refused(write_manifest) -> None:
+    # RAM with a threshold far above every weight returns zeros: an error, not a target of zeros
+    path = write_manifest(**{"targets_per_group = 4": 'targets_per_group = 4\nmethods = ["ram"]',
+                             '[merger]\nplugin = "mergekit"': '[merger]\nplugin = "mergekit"\nparams = { methods = '
+                                                              '{ ram = { epsilon = 1e30 } } }'})
+    with pytest.raises(UnmergeError, match=r"\(ram\) is zero on every mask coordinate although its constituents"):
+        Runner(load_manifest(path), progress=False, echo=lambda s: None).run()
 
 
 def test_several_mergers_in_one_run(write_manifest) -> None:
@@ -149,3 +174,52 @@ def test_full_weight_methods_get_the_base_module_and_their_task_counts(real_adap
         assert np.allclose(got, expected, rtol=1e-6, atol=1e-9) and np.abs(got).max() > 0
     known_linear = [r for r in result.table.rows if r.group == "known" and r.method == "karcher"]
     assert known_linear and all(r.metrics["recall"] == 1.0 for r in known_linear)
+
+
+def _slerp_run(tmp_path, root, registry, base_line: str = ""):
+    """Run slerp targets; return the manifest, the result and the vectors of the targets made now."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "m.toml"
+    text = FULL_WEIGHT_MANIFEST.format(registry=registry, root=root, out=tmp_path / "runs")
+    path.write_text(base_line + text.replace('methods = ["slerp", "karcher", "model_stock"]', 'methods = ["slerp"]'))
+    cache = tmp_path / "runs" / "full-weights" / "cache" / "targets"
+    before = set(cache.iterdir()) if cache.is_dir() else set()
+    manifest = load_manifest(path)
+    result = Runner(manifest, progress=False, echo=lambda s: None).run()
+    vectors = {}
+    for target_dir in set(cache.iterdir()) - before:
+        data = json.loads((target_dir / "target.json").read_text())
+        vectors[data["target_id"]] = load_tensors(target_dir / "target.safetensors")["vector"].numpy()
+    return manifest, result, vectors
+
+
+def test_full_weight_methods_use_the_manifest_base_and_follow_its_changes(real_adapters, tmp_path) -> None:
+    root, base, paths = real_adapters
+    other = tiny_base(tmp_path / "other-base", seed=9)  # same architecture, other weights
+    _, _, named = _slerp_run(tmp_path / "a", root, root / "registry.toml")
+    manifest, result, explicit = _slerp_run(tmp_path / "b", root, root / "registry.toml", f'base = "{other}"\n')
+    mask = load_mask(next((result.run_dir / "cache" / "masks").iterdir()))
+    merger = manifest.merger.instance()
+    targets = {t["target_id"]: t for t in json.loads((result.run_dir / "targets.json").read_text())}
+    for target_id, got in explicit.items():
+        t = targets[target_id]
+        job = MergeJob(target_id, t["method"], tuple(t["tasks"]), tuple(t["weights"]), t["seed"], t["group"])
+        adapters = [LoraAdapter(paths[n], n) for n in job.tasks]
+        assert np.allclose(got, dense_masked_vector(merger, job, adapters, mask, base=other), rtol=1e-6, atol=1e-9)
+        assert not np.allclose(got, named[target_id], rtol=1e-3, atol=0)  # slerp depends on the base
+    # replacing the base model's weights in place invalidates the cached full-weight targets
+    tiny_base(other, seed=10)
+    _, _, again = _slerp_run(tmp_path / "b", root, root / "registry.toml", f'base = "{other}"\n')
+    assert again.keys() == explicit.keys() and len(again) == 6
+    assert all(not np.allclose(again[k], explicit[k], rtol=1e-3, atol=0) for k in explicit)
+
+
+def test_adapters_on_different_bases_are_refused_for_full_weight_methods(real_adapters, tmp_path) -> None:
+    root, base, paths = real_adapters
+    mixed = tmp_path / "adapters"
+    mixed.mkdir()
+    for name in ("alpha", "beta", "gamma"):
+        (mixed / name).symlink_to(paths[name], target_is_directory=True)
+    random_adapter(tiny_base(tmp_path / "elsewhere", seed=4), mixed / "zeta", seed=40)
+    with pytest.raises(UnmergeError, match=r"slerp needs one base model, but the adapters name different ones"):
+        _slerp_run(tmp_path, mixed, root / "registry.toml")

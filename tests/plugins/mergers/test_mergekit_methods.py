@@ -152,6 +152,8 @@ def test_base_methods_follow_the_input_mode() -> None:
     ({"della": {"epsilon": 0.7}}, "della.epsilon"),
     ({"della": {"epsilon": 0.1, "bogus": 1}}, "della.bogus"),
     ({"slerp": {"t": 1.5}}, "slerp.t"),
+    ({"slerp": {"t": 1.0}}, "slerp.t"),  # t = 1 is the second model alone, not a merge
+    ({"karcher": {"max_iter": 0}}, "karcher.max_iter"),
     ({"slerp": {"base_mode": "none"}}, "slerp.base_mode"),
 ])
 def test_method_parameters_are_validated(methods, expected) -> None:
@@ -217,3 +219,8 @@ def test_della_statistics_match_run_merge(models) -> None:
     d_all, o_all, r_all = torch.cat(deltas), torch.cat(ours_kept), torch.cat(ref_kept)
     for o, r, e in zip(_kept_by_row_rank(d_all, o_all), _kept_by_row_rank(d_all, r_all), [0.40, 0.50, 0.60]):
         assert abs(o - e) < 0.035 and abs(r - e) < 0.035
+
+
+def test_slerp_with_a_fixed_t_ignores_the_targets_weights() -> None:
+    assert "slerp" not in MergekitMerger(MergekitParams()).unweighted_methods
+    assert "slerp" in MergekitMerger(MergekitParams(methods={"slerp": {"t": 0.3}})).unweighted_methods

@@ -67,6 +67,20 @@ def test_zero_constituents(method) -> None:
     assert float(SPECTRAL[method](loras((12, 10), (2, 3), 41, zero=(0, 1)), [0.5, 0.5]).dense().abs().max()) == 0
 
 
+@pytest.mark.parametrize("method", sorted(SPECTRAL))
+def test_a_tiny_constituent_keeps_its_directions(method) -> None:
+    # one adapter a million times smaller than the others: the factored route once dropped its
+    # directions as round-off of the stacked Gram matrices; the dense route keeps them
+    tasks = loras((48, 40), (4, 3, 5), 33)
+    tasks[1] = LowRankDelta(tasks[1].a, tasks[1].b * 1e-7, tasks[1].scale)
+    factored = SPECTRAL[method](tasks, [1 / 3] * 3).dense()
+    reference = SPECTRAL[method]([dense(t) for t in tasks], [1 / 3] * 3).dense()
+    assert rel(factored, reference) <= 1e-9
+    if method.startswith("tsv-m"):  # TSV-M keeps each task's own top directions: the tiny one's are there
+        u1 = torch.linalg.svd(dense(tasks[1]))[0][:, :1]
+        assert float(torch.linalg.norm(u1.T @ factored)) > 1e-9 * float(torch.linalg.norm(factored))
+
+
 def test_single_task_identities_and_isotropy() -> None:
     (t,) = loras((48, 40), (5,), 51)
     d = dense(t)
@@ -198,3 +212,19 @@ def test_scale_svd_task_rank_budget_compresses(prune) -> None:
     merged = merger.merge_module(MergeJob("t", "scale-svd", ("a", "b"), (0.5, 0.25), 0), "m",
                                  [low_rank.float(), 2 * low_rank.float()])
     assert rel(merged.double(), 0.5 * out + 0.25 * scale_svd(2 * low_rank.float(), params)) < 1e-5
+
+
+def test_scale_svd_randomized_is_reproducible_and_leaves_the_global_generator_alone() -> None:
+    g = torch.Generator().manual_seed(4)
+    deltas = [(torch.randn(48, 8, generator=g) @ torch.randn(8, 40, generator=g)) for _ in range(2)]
+    merger = ScaleSvdMerger(ScaleSvdParams(svd="randomized", sparsity=0.3, rank_ratio=0.5))
+    job = MergeJob("t", "scale-svd", ("a", "b"), (0.5, 0.5), seed=11)
+    torch.manual_seed(0)
+    first = merger.merge_module(job, "m", deltas)
+    after_first = torch.rand(3)
+    torch.manual_seed(123)
+    second = merger.merge_module(job, "m", deltas)
+    torch.manual_seed(0)
+    assert torch.equal(first, second)  # the same target whatever the caller's generator state
+    assert torch.equal(torch.rand(3), after_first)  # and the caller's generator is not advanced
+
