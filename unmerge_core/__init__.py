@@ -8,6 +8,7 @@ Everything a plugin may use is importable from this package; plugins never impor
 from unmerge_core.errors import PluginError, UnmergeError, format_validation_error, read_json, read_text
 from unmerge_core.hookspecs import hookimpl
 from unmerge_core.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, common_modules
+from unmerge_core.io.hub import resolve_model_ref
 from unmerge_core.io.lowrank import BLOCK_ROWS, LowRankDelta
 from unmerge_core.io.store import (
     atomic_save_tensors,
@@ -93,6 +94,7 @@ __all__ = [
     "hookimpl",
     "read_json",
     "read_text",
+    "resolve_model_ref",
     "safe_filename",
     "temp_prefix",
     "thread_map",

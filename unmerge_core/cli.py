@@ -16,6 +16,7 @@ from tabulate import tabulate
 
 from unmerge_core import __version__
 from unmerge_core.errors import UnmergeError
+from unmerge_core.io.hub import parse_hub_ref, resolve_model_ref
 from unmerge_core.manager import PluginManager
 from unmerge_core.pipeline.attribute import DEFAULT_DECOMPOSERS, DEFAULT_METRICS, AttributeRequest
 from unmerge_core.types import STAGE_NAMES
@@ -193,10 +194,11 @@ def _add_attribute_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
         "attribute", help="attribute existing merged models or adapters to a dictionary of adapters",
         description="Decompose each TARGET (a full model directory, or a PEFT adapter directory) over the "
                     "dictionary adapters; print a table and write attribution.{json,md,csv}.")
-    p.add_argument("targets", nargs="+", metavar="[NAME=]TARGET", help="model or adapter directory to attribute")
-    p.add_argument("--base", help="base model directory (needed for full-model targets)")
+    p.add_argument("targets", nargs="+", metavar="[NAME=]TARGET",
+                   help="model or adapter to attribute: a directory or a Hub id owner/name[@revision]")
+    p.add_argument("--base", help="base model (needed for full-model targets): a directory or a Hub id")
     p.add_argument("--dictionary", help="folder with one sub-folder per skill: a PEFT adapter, or a folder of several trainings of that skill")
-    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="add one adapter of skill NAME (repeatable; a NAME given again adds another training of it)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="add one adapter of skill NAME: a directory or a Hub id (repeatable; a NAME given again adds another training of it)")
     p.add_argument("--kind", choices=["auto", "model", "adapter"], default="auto", help="what the targets are")
     p.add_argument("--masker", default="topk", help="masker plugin (default: topk)")
     p.add_argument("--budget", type=int, help="masker budget: total masked coordinates (topk default: 99904)")
@@ -294,13 +296,16 @@ def request_from_args(args: Any) -> AttributeRequest:
     targets = []
     for value in args.targets:
         name, path = split_named(value, "target", required=False)
-        p = Path(path)
-        targets.append((name or p.resolve().name, p))
+        ref = parse_hub_ref(path)
+        p = resolve_model_ref(path, "target", allow_pickle=args.allow_pickle)
+        targets.append((name or (ref.name if ref else p.resolve().name), p))
     adapters = []
     for value in args.adapter or []:
         name, path = split_named(value, "--adapter", required=True)
         assert name is not None
-        adapters.append((name, Path(path)))
+        adapters.append((name, resolve_model_ref(path, f"--adapter {name}", allow_pickle=args.allow_pickle)))
+    base = (resolve_model_ref(args.base, "--base", allow_pickle=args.allow_pickle, tokenizer=args.verify)
+            if args.base else None)
     decomposer_names = list(args.decomposer or DEFAULT_DECOMPOSERS)
     metric_names = list(args.metric or DEFAULT_METRICS)
     if args.verify and "causal-ablation" not in metric_names:
@@ -331,7 +336,7 @@ def request_from_args(args: Any) -> AttributeRequest:
     label = args.name or (targets[0][0] if len(targets) == 1 else "multi")
     output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"attribute-{label}"
     return AttributeRequest(
-        targets=targets, output_dir=output_dir, base=Path(args.base) if args.base else None,
+        targets=targets, output_dir=output_dir, base=base,
         dictionary=Path(args.dictionary) if args.dictionary else None, adapters=adapters, kind=args.kind,
         masker=args.masker, masker_params=masker_params,
         decomposers=[(n, params[n]) for n in decomposer_names], metrics=[(n, params[n]) for n in metric_names],

@@ -77,6 +77,11 @@ def unmerge_trainers() -> list[PluginSpec]:
         deterministic given ``job.seed``. What it writes is read back and checked (a config whose
         rank does not match the tensors, NaN, non-float tensors are refused).
 
+        A trainer that copies adapters from elsewhere (rather than making them from the parameters
+        and the seed) also defines ``source_fingerprint(task: TaskInfo) -> Any``: a JSON-able value
+        that changes when the source changes (file sizes and times, a Hub commit); it joins the cache
+        key, so an adapter replaced in place is read again instead of served stale.
+
         A trainer whose adapters were trained on a real, loadable model declares
         ``provides=(Capability.BASE_MODEL,)``: metrics that need the model (``causal-ablation``)
         are only allowed with such trainers.

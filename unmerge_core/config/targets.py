@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from unmerge_core.errors import UnmergeError
 from unmerge_core.io.checkpoints import Checkpoint
+from unmerge_core.io.hub import HUB_ID, resolve_model_ref
 from unmerge_core.io.store import is_safe_name
 
 EXTERNAL_GROUP = "external"
@@ -63,7 +64,8 @@ class ExternalTarget(BaseModel):
 
     @property
     def display_name(self) -> str:
-        return self.name or Path(self.path).name
+        leaf = Path(self.path).name
+        return self.name or (leaf.split("@", 1)[0] if HUB_ID.match(self.path) else leaf)
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,12 @@ def manifest_path(manifest: Path, value: str) -> Path:
     return p if p.is_absolute() else manifest.parent / p
 
 
+def manifest_model(manifest: Path, value: str, what: str) -> Path:
+    """A model or adapter from a manifest: a path (absolute, or relative to the manifest's folder) or a
+    Hub id ``owner/name[@revision]`` resolved to its cached snapshot (see :mod:`unmerge_core.io.hub`)."""
+    return resolve_model_ref(value, f"{manifest}: {what}:", relative_to=manifest.parent)
+
+
 def check_manifest_targets(path: Path, file: Any, task_names: Sequence[str], errors: list[str],
                            generated_ids: Collection[str] = ()) -> None:
     """Append one line per problem of a manifest's ``[[targets]]`` and ``base`` to ``errors``."""
@@ -217,9 +225,10 @@ def check_manifest_targets(path: Path, file: Any, task_names: Sequence[str], err
         if names.count(target.display_name) > 1:
             errors.append(f"{where}: name {target.display_name!r} is used twice; give each target a distinct 'name'")
         try:
-            kind = detect_kind(manifest_path(path, target.path), target.kind)
+            kind = detect_kind(manifest_model(path, target.path, f"targets[{i}].path"), target.kind)
         except UnmergeError as exc:
-            errors.append(f"{where}.path: {exc}")
+            message = str(exc)
+            errors.append(message if message.startswith(f"{path}: ") else f"{where}.path: {message}")
             continue
         needs_base |= kind == "model"
         if target.truth is not None:
@@ -234,12 +243,15 @@ def check_manifest_targets(path: Path, file: Any, task_names: Sequence[str], err
         elif target.display_name in generated_ids:
             errors.append(f"{path}: targets[{i}].name: {target.display_name!r} is also the id of a generated target; "
                           "choose another name")
-    if file.base is not None and not manifest_path(path, file.base).exists():
-        errors.append(f"{path}: base: no such file or directory: {manifest_path(path, file.base)}")
-    elif file.base is not None:
+    if file.base is not None:
         try:
-            Checkpoint(manifest_path(path, file.base), name="base")
+            base = manifest_model(path, file.base, "base")
+            if not base.exists():
+                errors.append(f"{path}: base: no such file or directory: {base}")
+            else:
+                Checkpoint(base, name="base")
         except UnmergeError as exc:
-            errors.append(f"{path}: base: {exc}")
-    elif needs_base and file.base is None:
+            message = str(exc)
+            errors.append(message if message.startswith(f"{path}: ") else f"{path}: base: {message}")
+    elif needs_base:
         errors.append(f"{path}: base: full-model [[targets]] need the base model; add base = \"path/to/base\"")

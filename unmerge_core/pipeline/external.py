@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from unmerge_core.config.manifest import Manifest
-from unmerge_core.config.targets import Truth, detect_kind, manifest_path, truth_group
+from unmerge_core.config.targets import Truth, detect_kind, manifest_model, truth_group
 from unmerge_core.io.checkpoints import Checkpoint
 from unmerge_core.io.masks import mask_digest
 from unmerge_core.io.store import (
@@ -48,13 +48,13 @@ def score_external_targets(manifest: Manifest, loop: ScoreLoop, mask: Mask, stor
     refs = list(manifest.file.targets)
     if not refs:
         return []
-    base_path = manifest_path(manifest.path, manifest.file.base) if manifest.file.base else None
+    base_path = manifest_model(manifest.path, manifest.file.base, "base") if manifest.file.base else None
     reader = TargetReader(mask, Checkpoint(base_path, name="base") if base_path is not None else None)
     digest = mask_digest(mask)
     targets: list[ScoreTarget] = []
     reports: list[TargetReport] = []
-    for ref in refs:
-        path = manifest_path(manifest.path, ref.path)
+    for i, ref in enumerate(refs):
+        path = manifest_model(manifest.path, ref.path, f"targets[{i}].path")
         name = ref.display_name
         kind = detect_kind(path, ref.kind)
         key = content_key("external", kind, str(path.resolve()), _signature(path),

@@ -35,6 +35,7 @@ import torch
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
 from unmerge_core.io.adapters import LoraAdapter
 from unmerge_core.io.checkpoints import Checkpoint
+from unmerge_core.io.hub import resolve_model_ref
 from unmerge_core.io.lowrank import BLOCK_ROWS, LowRankDelta
 from unmerge_core.io.masks import load_mask
 from unmerge_core.io.store import ArtifactStore, atomic_save_tensors, atomic_write_json, content_key, load_tensors
@@ -64,7 +65,7 @@ def base_model_path(adapters: Sequence[LoraAdapter], method: str, label: str, ba
     if None in named:
         raise PluginError("merger", label, f"{method} needs the base model's weights, but an adapter names no "
                                            "base model in adapter_config.json; set base = \"<model dir>\" in the manifest")
-    paths = {Path(str(n)).expanduser().resolve() for n in named}
+    paths = {resolve_model_ref(str(n), f"{method}: the adapters' base model").resolve() for n in named}
     if len(paths) != 1:
         shown = ", ".join(sorted(str(n) for n in named))
         raise PluginError("merger", label, f"{method} needs one base model, but the adapters name different ones "
@@ -72,8 +73,8 @@ def base_model_path(adapters: Sequence[LoraAdapter], method: str, label: str, ba
     path = next(iter(paths))
     if not path.exists():
         raise PluginError("merger", label, f"{method} needs the base model's weights: {next(iter(named))} (the "
-                                           "adapters' base_model_name_or_path) is not a local model directory; set "
-                                           "base = \"<model dir>\" in the manifest")
+                                           "adapters' base_model_name_or_path) is neither a local model directory "
+                                           "nor a Hub id; set base = \"<model dir>\" in the manifest")
     return path
 
 

@@ -29,7 +29,7 @@ import torch
 
 from unmerge_core import __version__
 from unmerge_core.config.manifest import Manifest, ResolvedPlugin
-from unmerge_core.config.targets import manifest_path
+from unmerge_core.config.targets import manifest_model
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
 from unmerge_core.io.adapters import LoraAdapter
 from unmerge_core.io.masks import load_mask, masked_vector, save_mask
@@ -154,6 +154,12 @@ class MergeUnit:
     base_model: Path | None = None  # for methods defined on full weights
 
 
+ZERO_TARGET_MIN_COORDINATES = 32
+"""A target that is zero on the mask is refused when a constituent is non-zero on at least this many
+mask coordinates: a random drop (DARE at density 0.5) empties so many only with probability 2⁻³²,
+whereas on a handful of coordinates it happens by chance and is a legitimate target."""
+
+
 def merge_unit(unit: MergeUnit) -> Path:
     """Form one target's task vector on the mask coordinates, module by module.
 
@@ -182,8 +188,9 @@ def merge_unit(unit: MergeUnit) -> Path:
             raise PluginError("merger", unit.plugin.label,
                               f"target {job.target_id} ({job.method}) has NaN or inf although its constituents are "
                               "finite: the merge overflowed (check merger.params, e.g. lambda, and the adapters' scale)")
-        if not vector.any() and any(masked_vector(LoraAdapter(p, n), mask).any()
-                                    for p, n in zip(unit.adapter_dirs, unit.spec.tasks)):
+        if not vector.any() and max((int(np.count_nonzero(masked_vector(LoraAdapter(p, n), mask)))
+                                     for p, n in zip(unit.adapter_dirs, unit.spec.tasks)),
+                                    default=0) >= ZERO_TARGET_MIN_COORDINATES:
             raise PluginError("merger", unit.plugin.label,
                               f"target {job.target_id} ({job.method}) is zero on every mask coordinate although its "
                               "constituents are not: these merge parameters remove everything (check merger.params, "
@@ -366,8 +373,13 @@ class Runner:
     def adapter_key(self, task: TaskInfo, variant: str = "") -> str:
         """Cache key of one training: the trainer's configuration, the task's registry entry, the seed."""
         trainer = self.m.variant(variant).trainer if variant else self.m.trainer
-        return content_key("adapter", trainer.config(), task.name, task.category, dict(task.source),
-                           self._train_seed(task, variant))
+        parts: list[Any] = [trainer.config(), task.name, task.category, dict(task.source),
+                            self._train_seed(task, variant)]
+        fingerprint = getattr(trainer.instance(), "source_fingerprint", None)
+        if fingerprint is not None:  # a trainer that copies adapters: their files are part of the key
+            with plugin_errors("trainer", trainer.label):
+                parts.append(fingerprint(task))
+        return content_key("adapter", *parts)
 
     def training_key(self, training: str) -> str:
         """:meth:`adapter_key` of a training name (``task`` or ``task@variant``)."""
@@ -431,7 +443,7 @@ class Runner:
         if not users:
             return None
         names = sorted({n for s in users for n in constituent_trainings(s)})
-        explicit = manifest_path(self.m.path, self.m.file.base) if self.m.file.base else None
+        explicit = manifest_model(self.m.path, self.m.file.base, "base") if self.m.file.base else None
         label = self.m.merger_for(users[0].method).label
         return base_model_path([LoraAdapter(adapter_dirs[n], n) for n in names], users[0].method, label, explicit)
 

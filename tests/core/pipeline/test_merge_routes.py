@@ -89,6 +89,18 @@ def test_a_merge_that_removes_everything_is_refused(write_manifest) -> None:
         Runner(load_manifest(path), progress=False, echo=lambda s: None).run()
 
 
+def test_a_random_drop_emptying_a_tiny_mask_is_not_refused(write_manifest) -> None:
+    # one 1 × 1 module: DARE drops the only coordinate with probability 1 − density; that target is
+    # legitimate (found by the fuzz suite after the zero-target check was added)
+    path = write_manifest(**{
+        'params = { module_shapes = { "layers.0.q" = [24, 32], "layers.0.k" = [8, 32], "layers.1.q" = [24, 32] }, '
+        'rank = 6, shared = 0.3 }': 'params = { module_shapes = { "a.0.q" = [1, 1] }, rank = 3 }',
+        "min_tasks = 2": "min_tasks = 1", "max_tasks = 3": "max_tasks = 1",
+        "targets_per_group = 4": 'targets_per_group = 8\nmethods = ["dare_linear"]\ngroups = ["known", "unknown"]'})
+    result = Runner(load_manifest(path), progress=False, echo=lambda s: None).run()
+    assert (result.run_dir / "summary.csv").is_file()
+
+
 def test_several_mergers_in_one_run(write_manifest) -> None:
     path = write_manifest(**{"targets_per_group = 4": 'targets_per_group = 4\nmethods = ["ties", "tsv-m", "iso-c", '
                                                       '"tall-consensus"]',
