@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,plots,datasets]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,plots,datasets,ray]"
 	touch $(STAMP)
 
 run: install

@@ -31,6 +31,10 @@ class PluginError(UnmergeError):
         super().__init__(f"{stage} plugin '{plugin}': {message}")
         self.stage = stage
         self.plugin = plugin
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable: raised in a worker, re-raised by the driver
+        return (type(self), (self.stage, self.plugin, self.message))
 
 
 def format_validation_error(exc: ValidationError, *, prefix: str = "", plugin: Any = None) -> str:

@@ -8,6 +8,7 @@ against that plugin's own model. Any problem raises :class:`UnmergeError` with o
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -172,6 +173,24 @@ class Output(_Strict):
                                                              "(default: the run directory)")
 
 
+class ExecutorConfig(_Strict):
+    """Where the units of work run (``executor = { ... }``); never changes a result, only where it is made."""
+
+    kind: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray tasks")
+    address: str | None = Field(None, min_length=1,
+                                description="Ray cluster: 'auto', 'ray://host:port' (default: start Ray on this "
+                                            "machine)")
+    num_cpus_per_task: float = Field(1.0, gt=0, le=1024, description="CPUs Ray reserves for each unit")
+    num_gpus_per_task: float = Field(0.0, ge=0, le=64, description="GPUs Ray reserves for each unit")
+    max_retries: int = Field(3, ge=0, le=100, description="times Ray reruns a unit whose worker died")
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> ExecutorConfig:
+        if self.kind == "local" and (self.address is not None or self.num_gpus_per_task or self.num_cpus_per_task != 1):
+            raise ValueError("address and num_*_per_task apply to kind = 'ray' only")
+        return self
+
+
 class ManifestFile(_Strict):
     """The top level of a manifest file."""
 
@@ -192,6 +211,7 @@ class ManifestFile(_Strict):
     metrics: list[PluginRef] = Field(default_factory=lambda: [PluginRef(plugin=n) for n in DEFAULT_METRICS],
                                      max_length=MAX_PLUGINS)
     output: Output = Field(default_factory=Output)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     base: str | None = Field(None, min_length=1, description="base model directory, for full-model [[targets]] and merge methods defined on full "
                                                                "weights (default: the model the adapters name)")
     targets: list[ExternalTarget] = Field(default_factory=list, max_length=MAX_TASKS,
@@ -419,6 +439,8 @@ def manifest_from_data(raw: dict[str, Any], path: Path, manager: PluginManager |
         errors.append(f"{path}: output.dir: {file.output.dir!r} cannot hold the run directory: {output_problem}")
     if file.output.store and (store_problem := check_output_dir(Path(file.output.store))):
         errors.append(f"{path}: output.store: {file.output.store!r} cannot hold the artifact store: {store_problem}")
+    if file.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
+        errors.append(f"{path}: executor.kind: 'ray' needs Ray, which is not installed: pip install 'unmerge[ray]'")
     if all(mergers):
         _check_methods(path, file, [m for m in mergers if m is not None], trainer, errors, manager)
     if errors:

@@ -253,12 +253,23 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def manifest_executor(manifest: Manifest, progress: bool = True) -> Executor:
+    """The executor a manifest asks for: sequential in this process, or Ray tasks."""
+    config = manifest.file.executor
+    if config.kind == "local":
+        return SequentialExecutor(progress=progress)
+    from unmerge_core.pipeline.ray_executor import RayExecutor
+
+    return RayExecutor(manifest.store_dir, address=config.address, num_cpus_per_task=config.num_cpus_per_task,
+                       num_gpus_per_task=config.num_gpus_per_task, max_retries=config.max_retries, progress=progress)
+
+
 class Runner:
     """Executes a validated :class:`Manifest`.
 
     Args:
         manifest: From :func:`unmerge_core.config.manifest.load_manifest`.
-        executor: Runs the units of work; sequential by default.
+        executor: Runs the units of work; default: the manifest's ``executor`` (local: sequential).
         progress: Show progress bars.
         plots: Write the PNG plots (``--no-plots`` turns them off).
         echo: Where to print notes and warnings (standard error by default).
@@ -269,7 +280,7 @@ class Runner:
         self.m = manifest
         self.run_dir = manifest.run_dir
         self.store = ArtifactStore(manifest.store_dir)
-        self.executor = executor or SequentialExecutor(progress=progress)
+        self.executor = executor or manifest_executor(manifest, progress)
         self.progress = progress
         self.plots = plots
         self.echo = echo

@@ -1,0 +1,159 @@
+"""Units of work as Ray tasks (``executor = { kind = "ray" }``; ``pip install 'unmerge[ray]'``).
+
+Every unit the runner hands an executor (train one adapter, merge one target, one adapter's merge
+statistics, one decomposition) is a picklable function and argument that writes its artifact into
+the store atomically and returns its path. :class:`RayExecutor` submits each as a Ray task with the
+manifest's resources and gathers the results in submission order, so a run gives the same files as
+with the local executor. Because the store is the only thing units share:
+
+- the store must be on storage every Ray node mounts at the same path; this is checked before the
+  first unit runs, on every node (one line naming the node, not a hang or a missing file later);
+- a unit whose worker dies is rerun by Ray (``max_retries``); a unit that finished before the crash
+  is not redone, by Ray or by a rerun of ``unmerge run``, since its artifact is already in the store;
+- an error a unit raises (a plugin's one-line error, a bad input) reaches the driver as the same
+  exception, so the command line prints the same line as locally.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+from unmerge_core.errors import UnmergeError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UnmergeError("executor.kind = 'ray' needs Ray: pip install 'unmerge[ray]'") from None
+    return ray
+
+
+def _run_unit(fn: Callable[[Any], Any], job: Any) -> Any:
+    """One unit in a Ray worker; the worker process is reused, so GPU memory is handed back after it."""
+    try:
+        return fn(job)
+    finally:
+        gc.collect()
+        torch = __import__("sys").modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _sees_store(store: str, token: str) -> tuple[str, bool]:
+    """On a worker: its host name and whether the driver's probe file is visible at the same path."""
+    return socket.gethostname(), (Path(store) / token).is_file()
+
+
+class RayExecutor:
+    """Runs units as Ray tasks; results in submission order.
+
+    Args:
+        store_root: The artifact store every unit writes to (checked to be visible from every node).
+        address: ``None`` starts Ray on this machine; ``"auto"`` or ``"ray://host:port"`` joins a cluster.
+        num_cpus_per_task, num_gpus_per_task: Resources Ray reserves for each unit.
+        max_retries: Times a unit whose worker died is rerun.
+        progress: Show a progress bar per stage.
+    """
+
+    def __init__(self, store_root: Path, *, address: str | None = None, num_cpus_per_task: float = 1.0,
+                 num_gpus_per_task: float = 0.0, max_retries: int = 3, progress: bool = True) -> None:
+        self.store_root = Path(store_root).resolve()
+        self.address = address
+        self.resources = {"num_cpus": num_cpus_per_task, "num_gpus": num_gpus_per_task}
+        self.max_retries = max_retries
+        self.progress = progress
+        self._checked = False
+
+    def connect(self) -> Any:
+        """Ray, initialised (once per process) and checked to see the store from every node."""
+        ray = _ray()
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = self.address or "this machine"
+                raise UnmergeError(f"executor: cannot start or join Ray at {where}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if not self._checked:
+            self._check_store(ray)
+            self._checked = True
+        return ray
+
+    def _check_store(self, ray: Any) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.store_root.mkdir(parents=True, exist_ok=True)
+        token = f".ray-probe-{uuid.uuid4().hex}"
+        (self.store_root / token).write_text(str(os.getpid()))
+        try:
+            probe = ray.remote(_sees_store)
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            refs = [probe.options(num_cpus=0,
+                                  scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                    .remote(str(self.store_root), token) for n in nodes]
+            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=120)
+            if pending:
+                raise UnmergeError(f"executor: {len(pending)} Ray node(s) did not answer within 120 s whether they "
+                                   f"see the artifact store {self.store_root}")
+            for host, seen in ray.get(ready):
+                if not seen:
+                    raise UnmergeError(f"executor: Ray node {host} cannot see the artifact store {self.store_root}: "
+                                       "put output.store (or output.dir) on storage every node mounts at this path")
+        finally:
+            (self.store_root / token).unlink(missing_ok=True)
+
+    def map(self, fn: Callable[[T], R], jobs: Sequence[T], *, desc: str) -> list[R]:
+        if not jobs:
+            return []
+        ray = self.connect()
+        task = ray.remote(_run_unit).options(max_retries=self.max_retries, retry_exceptions=False, **self.resources)
+        refs = [task.remote(fn, job) for job in jobs]
+        order = {ref: i for i, ref in enumerate(refs)}
+        bar = tqdm(total=len(refs), desc=f"{desc} [ray]", unit="job", leave=False, dynamic_ncols=True,
+                   disable=not self.progress)
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+                try:
+                    ray.get(done)
+                except ray.exceptions.RayError:
+                    # the error the local executor would raise: the first failing unit in submission order
+                    first = order[done[0]]
+                    for ref in refs[first + 1:]:
+                        ray.cancel(ref)
+                    for ref in refs[:first + 1]:
+                        self._get(ray, ref, desc)
+            return [self._get(ray, ref, desc) for ref in refs]
+        finally:
+            bar.close()
+
+    def _get(self, ray: Any, ref: Any, desc: str) -> Any:
+        """A unit's result, or its error as the exception the unit raised (one line, as locally)."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, BaseException):
+                raise cause from None
+            raise UnmergeError(f"executor: a Ray task failed: {str(exc).splitlines()[0]}") from None
+        except ray.exceptions.WorkerCrashedError:
+            raise UnmergeError(f"executor: a Ray worker died {self.max_retries + 1} time(s) running a unit of "
+                               f"'{desc}' (executor.max_retries = {self.max_retries}); rerun to resume") from None
+        except ray.exceptions.RayError as exc:
+            raise UnmergeError(f"executor: Ray failed running '{desc}': {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}; rerun to resume") from None
