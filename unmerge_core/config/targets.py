@@ -64,8 +64,9 @@ class ExternalTarget(BaseModel):
 
     @property
     def display_name(self) -> str:
-        leaf = Path(self.path).name
-        return self.name or (leaf.split("@", 1)[0] if HUB_ID.match(self.path) else leaf)
+        if self.name:
+            return self.name
+        return Path(self.path.split("@", 1)[0] if HUB_ID.match(self.path) else self.path).name
 
 
 @dataclass(frozen=True)

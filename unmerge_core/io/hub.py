@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from unmerge_core.errors import UnmergeError
@@ -37,7 +36,7 @@ CONFIG_FILES = ("config.json", "adapter_config.json", "generation_config.json")
 SAFETENSORS_FILES = ("*.safetensors", "*.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-PICKLE_FILES = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
+PICKLE_FILES = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 _TRUE = {"1", "on", "yes", "true"}
 
 
@@ -107,6 +106,8 @@ def resolve_model_ref(value: str | Path, what: str, *, relative_to: Path | None 
     if ref is None:
         path = Path(text).expanduser()
         return relative_to / path if relative_to is not None and not path.is_absolute() else path
+    if ref.revision is not None and ".." in ref.revision.split("/"):
+        raise UnmergeError(f"{what} {ref}: a revision may not contain '..'")
     patterns = CONFIG_FILES + SAFETENSORS_FILES + (TOKENIZER_FILES if tokenizer else ())
     folder = _snapshot(ref, what, patterns, hub_offline(), hub_cache_dir())
     if any(folder.rglob("*.safetensors")):
@@ -118,7 +119,6 @@ def resolve_model_ref(value: str | Path, what: str, *, relative_to: Path | None 
     return _snapshot(ref, what, patterns + PICKLE_FILES, hub_offline(), hub_cache_dir())
 
 
-@lru_cache(maxsize=64)
 def _snapshot(ref: HubRef, what: str, patterns: tuple[str, ...], offline: bool, cache_dir: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (

@@ -88,9 +88,20 @@ class RayExecutor:
                 raise UnmergeError(f"executor: cannot start or join Ray at {where}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         if not self._checked:
+            self._check_resources(ray)
             self._check_store(ray)
             self._checked = True
         return ray
+
+    def _check_resources(self, ray: Any) -> None:
+        """A unit asking more than any node has would wait forever (Ray calls it infeasible): refuse it."""
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        for key, resource in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+            wanted = self.resources[key]
+            largest = max((float(n.get(resource, 0.0)) for n in nodes), default=0.0)
+            if wanted > largest:
+                raise UnmergeError(f"executor.{key}_per_task = {wanted:g}, but no Ray node has more than "
+                                   f"{largest:g} {resource}: every unit would wait forever")
 
     def _check_store(self, ray: Any) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

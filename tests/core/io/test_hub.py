@@ -222,3 +222,22 @@ def test_full_weight_merges_find_the_base_an_adapter_names_by_id(offline) -> Non
 
     adapters = [LoraAdapter(offline["adapters"][n], n) for n in ATOMS]
     assert base_model_path(adapters, "slerp", "mergekit") == offline["base"].resolve()
+
+
+def test_revisions_with_slashes_dotdot_and_moved_branches(offline, tmp_path) -> None:
+    from unmerge_core.config.targets import ExternalTarget
+
+    assert ExternalTarget(path="acme/merged@release/v1").display_name == "merged"  # not "v1"
+    with pytest.raises(UnmergeError) as info:
+        resolve_model_ref("acme/base@feature/../v1", "--base")
+    assert "a revision may not contain '..'" in one_line(info)
+    # a branch moved between two calls in one process: the second call sees the new commit
+    cache = tmp_path / "cache"
+    first = tiny_base(cached_repo(cache, "acme/moving", MAIN))
+    second = tiny_base(cached_repo(cache, "acme/moving", V1, refs=()), seed=3)
+    import os
+
+    os.environ["HF_HUB_CACHE"] = str(cache)  # restored by the offline fixture's monkeypatch
+    assert resolve_model_ref("acme/moving", "--base") == first
+    (cache / "models--acme--moving" / "refs" / "main").write_text(V1)
+    assert resolve_model_ref("acme/moving", "--base") == second

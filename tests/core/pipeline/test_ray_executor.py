@@ -90,3 +90,10 @@ def test_executor_table_is_validated(write_manifest) -> None:
     path = write_manifest(**{"[output]": '[executor]\nkind = "ray"\nnum_cpus_per_task = 0\n[output]'})
     with pytest.raises(UnmergeError, match="executor.num_cpus_per_task"):
         load_manifest(path)
+
+
+def test_resources_no_node_has_are_refused_not_waited_for(tmp_path) -> None:
+    with pytest.raises(UnmergeError, match=r"executor.num_gpus_per_task = 1, but no Ray node has more than 0 GPU"):
+        RayExecutor(tmp_path, num_gpus_per_task=1, progress=False).map(str, [1], desc="gpu")
+    with pytest.raises(UnmergeError, match=r"executor.num_cpus_per_task = 1000, but no Ray node has more than 2 CPU"):
+        RayExecutor(tmp_path, num_cpus_per_task=1000, progress=False).map(str, [1], desc="cpu")
