@@ -16,17 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def mean(values: list[float | None]) -> str:
-    defined = [v for v in values if v is not None]
-    return f"{sum(defined) / len(defined):.2f}" if defined else "–"
-
-
-def flagged(row: dict) -> float | None:
-    verdict = row["info"].get("verdict")
-    if verdict is not None:
-        return float(verdict == "not-explained")
-    return None if row["out_of_dictionary"] is None else float(row["out_of_dictionary"])
+from realistic.summarize import flagged, mean  # experiments/ is on sys.path when run as a script
 
 
 def main(run_dir: Path) -> None:
