@@ -239,6 +239,26 @@ def test_nan_in_an_adapter_is_named(tmp_path) -> None:
     assert "module model.layers.0.q holds NaN or inf" in message and str(path) in message
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_inf_in_an_adapter_is_named(tmp_path, bad: float) -> None:
+    path = write_lora(tmp_path / "a", MODULES, rank=4)
+    tensors = {f"base_model.model.{m}.lora_{ab}.weight": torch.ones(s) for m, (o, i) in MODULES.items()
+               for ab, s in (("A", (4, i)), ("B", (o, 4)))}
+    tensors["base_model.model.model.layers.0.q.lora_A.weight"][1, 2] = bad
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    assert "holds NaN or inf" in one_line_error(LoraAdapter(path).factors, "model.layers.0.q")
+
+
+def test_huge_finite_factors_are_not_mistaken_for_inf(tmp_path) -> None:
+    """The finite check sums in float64: float32 values near the maximum are not an overflow."""
+    path = write_lora(tmp_path / "a", MODULES, rank=4)
+    tensors = {f"base_model.model.{m}.lora_{ab}.weight": torch.full(s, 3e38) for m, (o, i) in MODULES.items()
+               for ab, s in (("A", (4, i)), ("B", (o, 4)))}
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    a, b = LoraAdapter(path).factors("model.layers.0.q")
+    assert float(a.max()) == pytest.approx(3e38, rel=1e-6) and b.shape[1] == 4
+
+
 # --------------------------------------------------------------------------------------------------
 # unmerge attribute (items 6, 10, 11, 18)
 # --------------------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ class LoraAdapter:
                 b = fh.get_tensor(info.key_b).to(torch.float32)
         except Exception as exc:  # noqa: BLE001 - a file truncated or changed since it was indexed
             raise UnmergeError(f"{self.weights_path}: cannot read module {module} ({_first_line(exc)})") from None
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if not (_all_finite(a) and _all_finite(b)):
             raise UnmergeError(f"{self.weights_path}: module {module} holds NaN or inf")
         if self.fan_in_fan_out:
             return b.T.contiguous(), a.T.contiguous()
@@ -259,6 +259,12 @@ class LoraAdapter:
             return self.modules[module]
         except KeyError:
             raise UnmergeError(f"{self.path}: adapter has no module {module}") from None
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    """Whether every entry is finite: one float64 sum, which NaN and ±inf make non-finite and which
+    float32 values cannot overflow (a third of the cost of ``isfinite(...).all()``)."""
+    return math.isfinite(float(values.sum(dtype=torch.float64)))
 
 
 def _first_line(exc: BaseException) -> str:

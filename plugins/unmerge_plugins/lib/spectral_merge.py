@@ -174,6 +174,27 @@ class LowRankFrame:
         keep = s > self.noise
         return self._coef_left @ a[:, keep], s[keep], self._coef_right @ b[:, keep]
 
+    def svd_of_block(self, columns: torch.Tensor, task: int,
+                     ref: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`svd` of a core whose only non-zero columns are constituent ``task``'s block
+        (``core[:, block] = columns``, K × rₜ): what one task's SVD and a projected task need.
+
+        ``inner = (root_L · columns) · (root_R[:, block])ᵀ`` has rank ≤ rₜ, so it is factored
+        through two thin QR decompositions and the SVD of an rₜ × rₜ matrix instead of a K × K one
+        (at K = 160, rₜ = 32: about a tenth of the time); the rank rules are :meth:`svd`'s.
+        """
+        block = self.blocks[task]
+        left = self._root_left @ columns
+        right = self._root_right[:, block]
+        if left.numel() == 0 or right.numel() == 0:
+            empty = torch.zeros(self.size, 0, dtype=DTYPE)
+            return empty, torch.zeros(0, dtype=DTYPE), empty.clone()
+        q_left, r_left = torch.linalg.qr(left)
+        q_right, r_right = torch.linalg.qr(right)
+        a, s, b = thin_svd(r_left @ r_right.T, ref)
+        keep = s > self.noise
+        return self._coef_left @ (q_left @ a[:, keep]), s[keep], self._coef_right @ (q_right @ b[:, keep])
+
     def polar_left(self, coef: torch.Tensor) -> torch.Tensor:
         """Coefficients of the polar factor of ``L · coef`` (the partial isometry on its span)."""
         return coef @ _inverse_root(coef.T @ self.gram_left @ coef)
@@ -249,7 +270,7 @@ class FactoredSpace(SpectralSpace):
         self.shape = self.frame.shape
 
     def task_svd(self, i: int, ref: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.frame.svd(self.frame.selector(i), ref)
+        return self.frame.svd_of_block(self.frame.selector(i)[:, self.frame.blocks[i]], i, ref)
 
     def sum_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.frame.svd(self.frame.sum_core())
@@ -257,9 +278,10 @@ class FactoredSpace(SpectralSpace):
     def projected_svd(self, i: int, basis: torch.Tensor,
                       ref: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # (I − L X Xᵀ Lᵀ) L E = L (E − X Xᵀ (LᵀL) E): the projection is a change of core
-        select = self.frame.selector(i)
-        core = select - basis @ (basis.T @ (self.frame.gram_left @ select))
-        return self.frame.svd(core, ref)
+        block = self.frame.blocks[i]
+        columns = self.frame.selector(i)[:, block]
+        columns = columns - basis @ (basis.T @ (self.frame.gram_left @ columns))
+        return self.frame.svd_of_block(columns, i, ref)
 
     def polar_left(self, u: torch.Tensor) -> torch.Tensor:
         return self.frame.polar_left(u)
