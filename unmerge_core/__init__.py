@@ -5,6 +5,7 @@ Everything a plugin may use is importable from this package; plugins never impor
 (a test enforces it), so the layout behind these names can change without breaking them.
 """
 
+from unmerge_core.devices import DeviceName, DeviceParams, cuda_available, resolve_device
 from unmerge_core.errors import PluginError, UnmergeError, format_validation_error, read_json, read_text
 from unmerge_core.hookspecs import hookimpl
 from unmerge_core.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, common_modules
@@ -27,6 +28,7 @@ from unmerge_core.types import (
     Decomposer,
     Decomposition,
     DecompositionProblem,
+    FoldingMasker,
     LowRankMerger,
     Mask,
     MaskedMerger,
@@ -35,11 +37,14 @@ from unmerge_core.types import (
     Merger,
     Metric,
     MetricValue,
+    ModuleFold,
     NoParams,
     PluginParams,
     PluginSpec,
     RunContext,
     Stage,
+    StatisticsStream,
+    StreamingStatisticsMerger,
     TargetEvaluation,
     TaskInfo,
     Trainer,
@@ -58,6 +63,9 @@ __all__ = [
     "Capability",
     "Decomposer",
     "Decomposition",
+    "DeviceName",
+    "DeviceParams",
+    "FoldingMasker",
     "DecompositionProblem",
     "LoraAdapter",
     "LowRankDelta",
@@ -66,6 +74,7 @@ __all__ = [
     "MaskedMerger",
     "Masker",
     "MergeJob",
+    "ModuleFold",
     "Merger",
     "Metric",
     "MetricValue",
@@ -75,6 +84,8 @@ __all__ = [
     "PluginSpec",
     "RunContext",
     "Stage",
+    "StatisticsStream",
+    "StreamingStatisticsMerger",
     "TargetEvaluation",
     "TaskInfo",
     "TrainJob",
@@ -86,6 +97,7 @@ __all__ = [
     "atomic_write_text",
     "blas_threads",
     "common_modules",
+    "cuda_available",
     "content_key",
     "derive_seed",
     "method_task_range",
@@ -95,6 +107,7 @@ __all__ = [
     "read_json",
     "read_text",
     "resolve_model_ref",
+    "resolve_device",
     "safe_filename",
     "temp_prefix",
     "thread_map",

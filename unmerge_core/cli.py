@@ -203,6 +203,9 @@ def _add_attribute_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--masker", default="topk", help="masker plugin (default: topk)")
     p.add_argument("--budget", type=int, help="masker budget: total masked coordinates (topk default: 99904)")
     p.add_argument("--aggregate", help="masker aggregate of |ΔW| over the dictionary (topk: max, mean or l2)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where the masker forms the dictionary's ΔW and takes its top-k (topk default: auto, "
+                        "CUDA when present); the target is read at the mask coordinates only, on the CPU")
     p.add_argument("--decomposer", action="append", metavar="NAME",
                    help="decomposer plugin (repeatable; default: skill-fdr, the calibrated test; paper-nnls is the paper's baseline)")
     p.add_argument("--metric", action="append", metavar="NAME",
@@ -315,6 +318,8 @@ def request_from_args(args: Any) -> AttributeRequest:
         masker_params["budget"] = args.budget
     if args.aggregate is not None:
         masker_params["aggregate"] = args.aggregate
+    if args.device is not None:
+        masker_params["device"] = args.device
     params: dict[str, dict[str, Any]] = {"masker": masker_params}
     for n in [*decomposer_names, *metric_names]:
         params.setdefault(n, {})

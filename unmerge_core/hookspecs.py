@@ -149,6 +149,23 @@ def unmerge_maskers() -> list[PluginSpec]:
         each module's ``(out, in)`` shape. The same mask is applied to every dictionary atom,
         unknown task and target. An empty mask is an error.
 
+        **Optional shared pass** (:class:`~unmerge_core.FoldingMasker`). The merge statistics
+        of the fast path (below) form every dictionary adapter's ΔW too. A masker that can build its
+        mask from ΔW given block of rows by block of rows lets the core form each module once for
+        both::
+
+            def fold_modules(self, adapters) -> Sequence[str] | None    # the mask's modules, in order
+            def module_fold(self, adapters, module: str) -> ModuleFold  # one per module, on worker threads
+
+        The core then feeds, for each block of :data:`~unmerge_core.BLOCK_ROWS` rows, every adapter's
+        block to ``fold.add(adapter_index, start_row, block)`` (float32, read only: the same block goes
+        to the statistics), calls ``fold.candidates(start, stop)`` once the rows are complete (the
+        ascending flat indices in those rows that may still be chosen: the core keeps the statistics
+        adapters' values there) and finally ``fold.select()``, which must return a subset of the
+        candidates. The mask assembled from the folds must equal ``build_mask``'s (the ``topk``
+        masker's test checks it on random shapes); ``fold_modules`` may return ``None`` to decline
+        (``topk`` does on a GPU, where it forms whole modules itself).
+
     Example::
 
         import numpy as np
@@ -227,6 +244,11 @@ def unmerge_mergers() -> list[PluginSpec]:
         ``row_blocks()`` streams it without forming it, bit-identical; ``sample()`` gives a cheap
         subset for estimates) and returns a few numbers (a threshold, a norm); it is computed once per
         task and module, keyed by ``statistics_config()``, and reused by every target with the task.
+        An optional ``statistics_stream(delta, module)`` returns an object with ``add(block)`` (the
+        next row block of ΔW, flattened float32, in order) and ``finish() -> Mapping[str, float]``
+        (equal to ``module_statistics`` of the same ΔW), or ``None`` to decline: with a masker that
+        folds (above), the statistics of dictionary adapters then come from the masker's own pass
+        over ΔW instead of a second one (:mod:`unmerge_core.pipeline.delta_pass`).
         ``merge_masked`` gets the mask's sorted flat indices into the module, each constituent's
         float64 ΔW there (for ``statistics_methods``: the very numbers its statistics came from) and
         its statistics, and returns the target's float64 values there. They must equal
@@ -313,7 +335,9 @@ def unmerge_decomposers() -> list[PluginSpec]:
         ``(n_coords,)``, ``problem.atom_names`` names the columns, ``problem.groups`` maps module
         names to row slices, ``problem.seed`` seeds randomised solvers. ΔW entries are small
         (1e-4–1e-2): state penalties and tolerances relative to the data, so results do not depend
-        on the absolute scale.
+        on the absolute scale. A least-squares method can work from ``problem.normal_equations()``
+        (``DᵀD``, shared by every target of a run and formed once, and this target's ``Dᵀy``): it then
+        costs ``n_coords × n_atoms`` per target instead of ``n_coords × n_atoms²``.
 
         Return a :class:`~unmerge_core.Decomposition` with ``coefficients`` (one per atom) and the
         ``reconstruction`` (one per coordinate). Optionally set ``support`` (boolean per atom) when

@@ -246,6 +246,9 @@ class DecompositionProblem:
         skills: The skill (task) of each atom when the dictionary holds several trainings of one
             skill; empty when every atom is its own skill. A decomposer may decide per skill
             (pooling its atoms); metrics judge attributions per skill either way.
+        gram: ``DᵀD`` (``(n_atoms, n_atoms)``, read only) when the caller computed it once for the
+            dictionary (the run does: every target shares it), else ``None``. Use
+            :meth:`normal_equations` rather than this field.
     """
 
     dictionary: np.ndarray
@@ -254,6 +257,14 @@ class DecompositionProblem:
     groups: Mapping[str, slice] = field(default_factory=dict)
     seed: int = 0
     skills: tuple[str, ...] = ()
+    gram: np.ndarray | None = field(default=None, repr=False)
+
+    def normal_equations(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(DᵀD, Dᵀy)``: the Gram matrix shared by every target of the dictionary (formed here only
+        when the caller gave none) and this target's right-hand side. A least-squares decomposer
+        working from them costs ``n_coords × n_atoms`` per target instead of ``n_coords × n_atoms²``."""
+        gram = self.gram if self.gram is not None else self.dictionary.T @ self.dictionary
+        return gram, self.dictionary.T @ self.target
 
     @property
     def skill_of_atom(self) -> tuple[str, ...]:
@@ -473,6 +484,65 @@ class Masker(Protocol):
     """What a masker's ``factory(params)`` returns (see :func:`unmerge_core.hookspecs.unmerge_maskers`)."""
 
     def build_mask(self, adapters: Sequence[LoraAdapter]) -> Mask: ...
+
+
+class ModuleFold(Protocol):
+    """One module's share of a :class:`FoldingMasker`'s mask, fed block of rows by block of rows.
+
+    The core forms each dictionary adapter's ΔW once per module, :data:`BLOCK_ROWS` rows at a time,
+    and hands every block to the fold (and, in the same pass, to the merge statistics of the
+    adapters that need them), so the masker and the statistics share one formation of ΔW.
+    """
+
+    def add(self, adapter: int, start: int, block: torch.Tensor) -> None:
+        """Fold rows ``start … start + len(block)`` of adapter ``adapter``'s ΔW (float32, read only:
+        the same block goes to other consumers)."""
+        ...
+
+    def candidates(self, start: int, stop: int) -> np.ndarray:
+        """Called once every adapter's block of rows ``start … stop`` was added: the flat indices
+        (ascending, int64) in those rows that :meth:`select` may still return."""
+        ...
+
+    def select(self) -> np.ndarray:
+        """The module's mask indices (ascending, int64), every one among the offered candidates."""
+        ...
+
+
+@runtime_checkable
+class FoldingMasker(Masker, Protocol):
+    """A masker whose mask is made module by module from streamed ΔW blocks (the shared pass).
+
+    ``build_mask(adapters)`` must equal the mask assembled from ``fold_modules`` and the folds'
+    ``select()``: the shared pass is only a faster way to the same mask.
+    """
+
+    def fold_modules(self, adapters: Sequence[LoraAdapter]) -> Sequence[str]:
+        """The modules of the mask, in the mask's order."""
+        ...
+
+    def module_fold(self, adapters: Sequence[LoraAdapter], module: str) -> ModuleFold:
+        """A fresh fold for one module (called on worker threads, one module per thread at a time)."""
+        ...
+
+
+class StatisticsStream(Protocol):
+    """One (task, module)'s merge statistics computed from ΔW given block of rows by block of rows."""
+
+    def add(self, block: np.ndarray) -> None:
+        """The next :data:`BLOCK_ROWS` rows of ΔW, flattened (float32, read only), in row order."""
+        ...
+
+    def finish(self) -> Mapping[str, float]:
+        """The statistics, equal to ``module_statistics`` of the same ΔW."""
+        ...
+
+
+@runtime_checkable
+class StreamingStatisticsMerger(MaskedMerger, Protocol):
+    """A fast-path merger whose statistics can be fed from the shared pass over ΔW."""
+
+    def statistics_stream(self, delta: LowRankDelta, module: str) -> StatisticsStream: ...
 
 
 @runtime_checkable

@@ -70,6 +70,24 @@ class LowRankDelta:
             self.gathered = out.reshape(-1).numpy()[self.gather].astype(np.float64)
         return out
 
+    def dense_on(self, device: torch.device) -> torch.Tensor:
+        """The whole float32 ΔW formed on ``device`` in one product (a GPU holds a module easily);
+        a full pass, so :attr:`gathered` is recorded as with :meth:`dense`. Equal to :meth:`dense`
+        to float32 rounding (bit-equal on the CPU for the products BLAS blocks the same way)."""
+        out = torch.mm(self.b.to(device), self.a.to(device))
+        if self.scale != 1:
+            out.mul_(self.scale)
+        if self.gather is not None:
+            idx = torch.as_tensor(self.gather, device=device)
+            self.gathered = out.reshape(-1)[idx].to(torch.float64).cpu().numpy()
+        return out
+
+    def form_rows(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """Rows ``start … stop`` of ΔW into ``out`` (float32, ``(stop − start, in)``): the very numbers
+        :meth:`dense` and :meth:`row_blocks` give for those rows when ``start`` is a multiple of
+        :data:`BLOCK_ROWS` and ``stop − start`` at most that."""
+        self._form(start, stop, out)
+
     def _form(self, start: int, stop: int, out: torch.Tensor) -> None:
         torch.mm(self.b[start:stop], self.a, out=out)
         if self.scale != 1:

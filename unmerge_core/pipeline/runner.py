@@ -43,9 +43,12 @@ from unmerge_core.io.store import (
     derive_seed,
     load_tensors,
 )
+from unmerge_core.pipeline.delta_pass import StatisticsRequest, shared_pass
 from unmerge_core.pipeline.executor import Executor, SequentialExecutor, progress
 from unmerge_core.pipeline.external import score_external_targets
 from unmerge_core.pipeline.merging import (
+    STATISTICS_FILE,
+    VALUES_FILE,
     StatisticsUnit,
     base_fingerprint,
     base_model_path,
@@ -71,7 +74,15 @@ from unmerge_core.pipeline.scoring import (
 )
 from unmerge_core.report.files import write_results
 from unmerge_core.report.tables import ResultTable
-from unmerge_core.types import Mask, MergeJob, RunContext, TaskInfo, TrainJob
+from unmerge_core.types import (
+    FoldingMasker,
+    Mask,
+    MergeJob,
+    RunContext,
+    StreamingStatisticsMerger,
+    TaskInfo,
+    TrainJob,
+)
 
 __all__ = ["RunResult", "Runner", "StageTiming", "check_decomposition", "decompose_unit", "load_mask",
            "masked_vector", "plugin_errors", "read_status", "save_mask"]
@@ -310,7 +321,8 @@ class Runner:
     def run(self) -> RunResult:
         self._open_run_dir()
         adapter_dirs = self.train()
-        mask_dir = self.build_mask(adapter_dirs)
+        specs = generate_targets(self.m)
+        mask_dir = self.build_mask(adapter_dirs, specs)
         mask = load_mask(mask_dir)
         vectors = self.task_vectors(adapter_dirs, mask)
         atoms = self.m.atoms
@@ -319,7 +331,6 @@ class Runner:
         dictionary = np.stack([vectors[a] for a in atom_names], axis=1)
         for message in dictionary_warnings(dictionary, atom_names):
             self.warn(message)
-        specs = generate_targets(self.m)
         base_model = self.full_weight_base(specs, adapter_dirs)
         targets = self.merge(specs, adapter_dirs, mask_dir, base_model)
         context = RunContext(adapter_dirs, {t.name: t for t in self.m.all_tasks}, mask, self.m.merger.instance(),
@@ -419,22 +430,63 @@ class Runner:
         atomic_write_json(self.run_dir / "adapters.json", {k: str(v) for k, v in out.items()})
         return out
 
-    def build_mask(self, adapter_dirs: dict[str, Path]) -> Path:
+    def build_mask(self, adapter_dirs: dict[str, Path], specs: Sequence[MergeJob] = ()) -> Path:
+        """The run's mask. When the masker and a merger can share one pass over the dictionary's ΔW
+        (:mod:`unmerge_core.pipeline.delta_pass`), the merge statistics of the dictionary adapters
+        that ``specs`` need are made in the same pass and stored for the merge-statistics stage."""
         atoms = self.m.atoms
         key = content_key("mask", self.m.masker.config(), [self.training_key(a.name) for a in atoms])
         reused = int(self.store.exists("masks", key))
+        requests = [] if reused else self._shared_statistics(specs, key)
 
         def build(tmp: Path) -> None:
             adapters = [LoraAdapter(adapter_dirs[a.name], a.name) for a in atoms]
             with plugin_errors("masker", self.m.masker.label):
                 masker = self.m.masker.instance()
-                mask = masker.build_mask(adapters)
+            shared = None
+            if requests and isinstance(masker, FoldingMasker):
+                index = {a.name: i for i, a in enumerate(atoms)}
+                shared = shared_pass(masker, self.m.masker.label, adapters,
+                                     [StatisticsRequest(index[t], p.instance(), p.label) for p, t, _ in requests])
+            if shared is not None:
+                mask = shared.mask
+            else:
+                with plugin_errors("masker", self.m.masker.label):
+                    mask = masker.build_mask(adapters)
             if not isinstance(mask, Mask) or mask.size == 0:
                 raise PluginError("masker", self.m.masker.label, "returned an empty mask or not a Mask")
             save_mask(tmp, mask)
+            if shared is not None:  # the dictionary's statistics, for the merge-statistics stage to reuse
+                for (_, training, stats_key), result in zip(requests, shared.statistics):
+                    if result is not None:
+                        self._store_statistics(stats_key, training, *result)
 
         with self.stage("masker", 1, reused):
             return self.store.produce("masks", key, build)
+
+    def _shared_statistics(self, specs: Sequence[MergeJob], mask_key: str) -> list[tuple[ResolvedPlugin, str, str]]:
+        """(merger plugin, dictionary training, statistics key) of the statistics the shared pass can
+        make: those ``specs`` need from a merger that streams them, not made yet."""
+        atoms = {a.name for a in self.m.atoms}
+        wanted: dict[tuple[str, str], tuple[ResolvedPlugin, str, str]] = {}
+        for spec in specs:
+            plugin = self.m.merger_for(spec.method)
+            merger = plugin.instance()
+            if not (needs_statistics(merger, spec.method) and isinstance(merger, StreamingStatisticsMerger)):
+                continue
+            for training in constituent_trainings(spec):
+                stats_key = statistics_key(self.training_key(training), merger, mask_key)
+                if training in atoms and not self.store.exists("merge-stats", stats_key):
+                    wanted.setdefault((plugin.label, training), (plugin, training, stats_key))
+        return [wanted[k] for k in sorted(wanted)]
+
+    def _store_statistics(self, key: str, training: str, stats: dict[str, dict[str, float] | None],
+                          values: np.ndarray) -> None:
+        def build(tmp: Path) -> None:
+            atomic_write_json(tmp / STATISTICS_FILE, stats)
+            atomic_save_tensors(tmp / VALUES_FILE, {"values": values})
+
+        self.store.produce("merge-stats", key, build, {"task": training})
 
     def task_vectors(self, adapter_dirs: dict[str, Path], mask: Mask) -> dict[str, np.ndarray]:
         with self.stage("task-vectors", len(adapter_dirs)):

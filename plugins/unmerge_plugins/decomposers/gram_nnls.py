@@ -27,8 +27,8 @@ class GramNnls:
         self.params = params
 
     def decompose(self, problem: DecompositionProblem) -> Decomposition:
-        d, y = problem.dictionary, problem.target
-        gram, rhs = d.T @ d, d.T @ y
+        y = problem.target
+        gram, rhs = problem.normal_equations()  # the run's shared DᵀD: n_coords × n_atoms per target
         coef = nnls_gram(gram, rhs, rcond=self.params.rcond, max_iter=self.params.max_iter)
         sq = float(coef @ gram @ coef - 2 * rhs @ coef + y @ y)
         return decomposition(problem, coef, residual=float(np.sqrt(max(sq, 0.0))))

@@ -30,10 +30,11 @@ class Lasso:
         d, y = problem.dictionary, problem.target
         scale = float(np.abs(d).max()) or 1.0  # conditioning: solve on D / s, map coefficients back
         ds, ys = d / scale, y / scale
-        alpha_max = float(np.abs(ds.T @ ys).max()) / max(len(ys), 1)
+        gram, rhs = problem.normal_equations()  # the run's shared DᵀD: no n_coords × n_atoms² per target
+        alpha_max = float(np.abs(rhs).max()) / scale**2 / max(len(ys), 1)
         alpha = max(alpha_max * self.params.alpha_ratio, 1e-300)
         model = SkLasso(alpha=alpha, positive=self.params.positive, fit_intercept=False,
-                        max_iter=self.params.max_iter, tol=self.params.tol, precompute=True)
+                        max_iter=self.params.max_iter, tol=self.params.tol, precompute=gram / scale**2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.fit(ds, ys)

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from unmerge_core import LowRankDelta, content_key
-from unmerge_plugins.lib.selection import kth_largest_abs, kth_largest_abs_streamed, magnitude_keep_count
+from unmerge_plugins.lib.selection import (
+    KthLargestAbsStream,
+    kth_largest_abs,
+    kth_largest_abs_streamed,
+    kth_largest_abs_torch,
+    magnitude_keep_count,
+)
 
 STREAM_ABOVE = 1 << 20  # entries: larger modules are streamed in row blocks, smaller ones formed densely
 
@@ -44,18 +50,22 @@ class MaskedSettings:
     consensus: bool = False  # TIES sign election
 
 
-def magnitude_statistics(delta: LowRankDelta | torch.Tensor, density: float) -> dict[str, float]:
+def magnitude_statistics(delta: LowRankDelta | torch.Tensor, density: float,
+                         device: torch.device | None = None) -> dict[str, float]:
     """Statistics of one task's module that TIES needs: its magnitude threshold for ``density``.
 
     Returns ``{"numel", "keep", "threshold"}``: mergekit keeps the ``keep`` largest ``|ΔW|``
     (``keep = max(1, int(density · numel))``); ``threshold`` is the ``keep``-th largest ``|ΔW|``
     (0 when everything is kept). A :class:`LowRankDelta` is streamed block of rows by block of rows
-    (large modules) or formed densely (small ones); a tensor is used as it is.
+    (large modules) or formed densely (small ones); a tensor is used as it is. With a ``device``
+    (a GPU), the whole module is formed there and the threshold is ``torch.kthvalue`` there.
     """
     numel = int(delta.numel())
     keep = magnitude_keep_count(density, numel)
     if keep >= numel or numel == 0:
         threshold = 0.0
+    elif isinstance(delta, LowRankDelta) and device is not None:
+        threshold = kth_largest_abs_torch(delta.dense_on(device), keep)
     elif isinstance(delta, LowRankDelta):
         if numel <= STREAM_ABOVE:
             threshold = kth_largest_abs(delta.dense(), keep)
@@ -64,6 +74,29 @@ def magnitude_statistics(delta: LowRankDelta | torch.Tensor, density: float) -> 
     else:
         threshold = kth_largest_abs(delta, keep)
     return {"numel": float(numel), "keep": float(keep), "threshold": threshold}
+
+
+class MagnitudeStatisticsStream:
+    """:func:`magnitude_statistics` of a :class:`LowRankDelta` fed block of rows by block of rows
+    (the core's shared pass over ΔW); the same numbers, so the same exact threshold."""
+
+    def __init__(self, delta: LowRankDelta, density: float) -> None:
+        self.delta = delta
+        self.numel = int(delta.numel())
+        self.keep = magnitude_keep_count(density, self.numel)
+        trivial = self.keep >= self.numel or self.numel == 0
+        self._stream = None if trivial else KthLargestAbsStream(self.numel, self.keep, delta.sample())
+
+    def add(self, block: np.ndarray) -> None:
+        if self._stream is not None:
+            self._stream.add(block)
+
+    def finish(self) -> dict[str, float]:
+        threshold = 0.0
+        if self._stream is not None:  # row_blocks again only if the bracket missed (the exact fallback)
+            again = LowRankDelta(self.delta.a, self.delta.b, self.delta.scale)
+            threshold = self._stream.result(again.row_blocks)
+        return {"numel": float(self.numel), "keep": float(self.keep), "threshold": threshold}
 
 
 def counter_uniform(key: int, flat_indices: np.ndarray) -> np.ndarray:

@@ -69,6 +69,14 @@ def kth_largest_abs(values: torch.Tensor | np.ndarray, k: int) -> float:
     return kth_largest_abs_streamed(lambda: _chunks(flat), n, k, sample)
 
 
+def kth_largest_abs_torch(values: torch.Tensor, k: int) -> float:
+    """:func:`kth_largest_abs` on a tensor where it lies (a GPU: ``torch.kthvalue`` there, no copy to
+    the host); the same value as on the CPU for the same numbers."""
+    flat = values.detach().reshape(-1)
+    _check_k(k, flat.numel())
+    return float(torch.kthvalue(flat.abs(), flat.numel() - k + 1).values.item())
+
+
 def kth_largest_abs_streamed(blocks: Callable[[], Iterable[np.ndarray]], numel: int, k: int,
                              sample: np.ndarray) -> float:
     """The ``k``-th largest ``|value|`` of values given as a stream of blocks, exactly.
@@ -81,15 +89,40 @@ def kth_largest_abs_streamed(blocks: Callable[[], Iterable[np.ndarray]], numel: 
         k: ``1 ≤ k ≤ numel``.
         sample: Some of the values (any representative subset) to place the bracket.
     """
-    _check_k(k, numel)
-    rank = numel - k  # 0-based position in ascending order of |value|
-    lo, hi = _bracket(np.abs(np.asarray(sample, dtype=np.float64)), rank, numel)
-    below, inside = _count_and_collect(blocks(), lo, hi)
-    j = rank - below
-    if 0 <= j < inside.size:
-        return float(np.partition(inside, j)[j])
-    everything = np.concatenate([np.abs(b) for b in blocks()])  # the sample misled us: exact fallback
-    return float(np.partition(everything, rank)[rank])
+    stream = KthLargestAbsStream(numel, k, sample)
+    for block in blocks():
+        stream.add(block)
+    return stream.result(blocks)
+
+
+class KthLargestAbsStream:
+    """:func:`kth_largest_abs_streamed` fed one block at a time (by a pass that also feeds others).
+
+    ``add`` each block in order (it is read, never kept: it may be overwritten afterwards), then
+    ``result(blocks)``; ``blocks`` is called again only when the bracket missed (the exact fallback).
+    """
+
+    def __init__(self, numel: int, k: int, sample: np.ndarray) -> None:
+        _check_k(k, numel)
+        self.numel, self.k = numel, k
+        self.rank = numel - k  # 0-based position in ascending order of |value|
+        self.lo, self.hi = _bracket(np.abs(np.asarray(sample, dtype=np.float64)), self.rank, numel)
+        self.seen = 0
+        self._counter = _BracketCounter(self.lo, self.hi)
+
+    def add(self, block: np.ndarray) -> None:
+        self.seen += block.size
+        self._counter.add(block)
+
+    def result(self, blocks: Callable[[], Iterable[np.ndarray]]) -> float:
+        if self.seen != self.numel:
+            raise ValueError(f"the stream gave {self.seen} values, expected {self.numel}")
+        below, inside = self._counter.finish()
+        j = self.rank - below
+        if 0 <= j < inside.size:
+            return float(np.partition(inside, j)[j])
+        everything = np.concatenate([np.abs(b) for b in blocks()])  # the sample misled us: exact fallback
+        return float(np.partition(everything, self.rank)[self.rank])
 
 
 def _check_k(k: int, n: int) -> None:
@@ -143,26 +176,41 @@ def _bracket(sample_abs: np.ndarray, rank: int, numel: int) -> tuple[float, floa
 
 def _count_and_collect(blocks: Iterable[np.ndarray], lo: float, hi: float) -> tuple[int, np.ndarray]:
     """Number of ``|x| < lo`` and the array of ``|x|`` with ``lo ≤ |x| ≤ hi``, in one pass over blocks."""
-    below = 0
-    kept: list[np.ndarray] = []
-    work = below_mask = inside_mask = None
+    counter = _BracketCounter(lo, hi)
     for block in blocks:
+        counter.add(block)
+    return counter.finish()
+
+
+class _BracketCounter:
+    """The one pass of :func:`_count_and_collect`, one block at a time (work buffers reused)."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+        self.below = 0
+        self.kept: list[np.ndarray] = []
+        self.dtype: np.dtype = np.dtype(np.float32)
+        self._work: np.ndarray | None = None
+        self._below_mask = self._inside_mask = np.empty(0, dtype=bool)
+
+    def add(self, block: np.ndarray) -> None:
         m = block.size
-        if work is None or work.size < m or work.dtype != block.dtype:
-            work = np.empty(m, dtype=block.dtype)
-            below_mask = np.empty(m, dtype=bool)
-            inside_mask = np.empty(m, dtype=bool)
-        assert below_mask is not None and inside_mask is not None
-        a, b, c = work[:m], below_mask[:m], inside_mask[:m]
-        lo_t, hi_t = block.dtype.type(lo), block.dtype.type(hi)
+        if self._work is None or self._work.size < m or self._work.dtype != block.dtype:
+            self._work = np.empty(m, dtype=block.dtype)
+            self._below_mask = np.empty(m, dtype=bool)
+            self._inside_mask = np.empty(m, dtype=bool)
+            self.dtype = block.dtype
+        a, b, c = self._work[:m], self._below_mask[:m], self._inside_mask[:m]
+        lo_t, hi_t = block.dtype.type(self.lo), block.dtype.type(self.hi)
         np.abs(block, out=a)
         np.less(a, lo_t, out=b)
-        below += int(np.count_nonzero(b))
+        self.below += int(np.count_nonzero(b))
         np.less_equal(a, hi_t, out=c)
         np.logical_xor(b, c, out=c)  # lo ≤ a ≤ hi  (a < lo implies a ≤ hi)
-        kept.append(np.compress(c, a))  # faster than a[c] for a sparse mask
-    dtype = work.dtype if work is not None else np.float32
-    return below, (np.concatenate(kept) if kept else np.empty(0, dtype=dtype))
+        self.kept.append(np.compress(c, a))  # faster than a[c] for a sparse mask
+
+    def finish(self) -> tuple[int, np.ndarray]:
+        return self.below, (np.concatenate(self.kept) if self.kept else np.empty(0, dtype=self.dtype))
 
 
 def topk_flat_indices(score: torch.Tensor, k: int) -> np.ndarray:
@@ -181,9 +229,9 @@ def topk_flat_indices(score: torch.Tensor, k: int) -> np.ndarray:
     flat = score.reshape(-1)
     if k > rows or n <= _SMALL:
         top = torch.topk(flat, k, sorted=False).indices
-        return np.sort(top.numpy().astype(np.int64))
+        return np.sort(top.cpu().numpy().astype(np.int64))
     row_max = score.amax(dim=1)
     bound = torch.topk(row_max, k, sorted=False).values.min()
     candidates = torch.nonzero(flat >= bound).reshape(-1)  # ≥ k entries, all of the top k among them
     best = torch.topk(flat[candidates], k, sorted=False).indices
-    return np.sort(candidates[best].numpy().astype(np.int64))
+    return np.sort(candidates[best].cpu().numpy().astype(np.int64))

@@ -123,17 +123,19 @@ class LowRankFrame:
         weights: Each constituent's target weight (folded into its left factor).
     """
 
-    def __init__(self, tasks: Sequence[LowRankDelta], weights: Sequence[float]) -> None:
+    def __init__(self, tasks: Sequence[LowRankDelta], weights: Sequence[float],
+                 device: torch.device | None = None) -> None:
         # each constituent's factors are normalised and its scale (weight · α/r · ‖B‖ · ‖A‖) moves into
         # the core: a constituent a million times smaller than another keeps its own directions in
         # the basis, as it does in the dense route
         lefts, rights, scales = [], [], []
         for task, weight in zip(tasks, weights):
-            b, a = task.b.to(DTYPE), task.a.to(DTYPE)
+            b, a = task.b.to(device=device, dtype=DTYPE), task.a.to(device=device, dtype=DTYPE)
             norm_b, norm_a = float(torch.linalg.norm(b)), float(torch.linalg.norm(a))
             lefts.append(b / norm_b if norm_b > 0 else b)
             rights.append(a / norm_a if norm_a > 0 else a)
-            scales.append(torch.full((int(a.shape[0]),), task.scale * weight * norm_b * norm_a, dtype=DTYPE))
+            scales.append(torch.full((int(a.shape[0]),), task.scale * weight * norm_b * norm_a, dtype=DTYPE,
+                                     device=a.device))
         self.left = torch.cat(lefts, dim=1)
         self.right = torch.cat(rights, dim=0)
         self.scales = torch.cat(scales)
@@ -155,7 +157,7 @@ class LowRankFrame:
 
     def selector(self, task: int) -> torch.Tensor:
         """The core of constituent ``task`` alone (``L · core · R = wₜ τₜ``)."""
-        core = torch.zeros(self.size, self.size, dtype=DTYPE)
+        core = torch.zeros(self.size, self.size, dtype=DTYPE, device=self.left.device)
         block = self.blocks[task]
         core[block, block] = torch.diag(self.scales[block])
         return core
@@ -168,8 +170,8 @@ class LowRankFrame:
         """Exact-rank SVD of ``L · core · R`` as ``(X_U, s, X_V)``: ``U = L · X_U``, ``V = Rᵀ · X_V``."""
         inner = self._root_left @ core @ self._root_right.T
         if inner.numel() == 0:
-            empty = torch.zeros(self.size, 0, dtype=DTYPE)
-            return empty, torch.zeros(0, dtype=DTYPE), empty.clone()
+            empty = torch.zeros(self.size, 0, dtype=DTYPE, device=self.left.device)
+            return empty, torch.zeros(0, dtype=DTYPE, device=self.left.device), empty.clone()
         a, s, b = thin_svd(inner, ref)
         keep = s > self.noise
         return self._coef_left @ a[:, keep], s[keep], self._coef_right @ b[:, keep]
@@ -187,8 +189,8 @@ class LowRankFrame:
         left = self._root_left @ columns
         right = self._root_right[:, block]
         if left.numel() == 0 or right.numel() == 0:
-            empty = torch.zeros(self.size, 0, dtype=DTYPE)
-            return empty, torch.zeros(0, dtype=DTYPE), empty.clone()
+            empty = torch.zeros(self.size, 0, dtype=DTYPE, device=self.left.device)
+            return empty, torch.zeros(0, dtype=DTYPE, device=self.left.device), empty.clone()
         q_left, r_left = torch.linalg.qr(left)
         q_right, r_right = torch.linalg.qr(right)
         a, s, b = thin_svd(r_left @ r_right.T, ref)
@@ -206,11 +208,11 @@ class LowRankFrame:
     def gather(self, coef_left: torch.Tensor, values: torch.Tensor, coef_right: torch.Tensor,
                flat_indices: np.ndarray) -> np.ndarray:
         """``(L · coef_left) diag(values) (Rᵀ · coef_right)ᵀ`` at row-major flat indices (float64)."""
-        idx = torch.as_tensor(np.asarray(flat_indices, dtype=np.int64))
+        idx = torch.as_tensor(np.asarray(flat_indices, dtype=np.int64), device=self.left.device)
         rows, cols = torch.div(idx, self.shape[1], rounding_mode="floor"), idx % self.shape[1]
         u = self.left[rows] @ coef_left
         v = self.right[:, cols].T @ coef_right
-        return ((u * values) * v).sum(dim=1).numpy()
+        return ((u * values) * v).sum(dim=1).cpu().numpy()
 
 
 def _inverse_root(gram: torch.Tensor) -> torch.Tensor:
@@ -265,8 +267,9 @@ class FactoredSpace(SpectralSpace):
     """:class:`SpectralSpace` on LoRA factors through a :class:`LowRankFrame`: frames are coefficient
     matrices over the stacked factors, and no out × in matrix is formed."""
 
-    def __init__(self, tasks: Sequence[LowRankDelta], weights: Sequence[float]) -> None:  # noqa: D107
-        self.frame = LowRankFrame(tasks, weights)
+    def __init__(self, tasks: Sequence[LowRankDelta], weights: Sequence[float],  # noqa: D107
+                 device: torch.device | None = None) -> None:
+        self.frame = LowRankFrame(tasks, weights, device)
         self.shape = self.frame.shape
 
     def task_svd(self, i: int, ref: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,8 +318,9 @@ class FramedResult:
         return (u * self.S) @ v.T
 
 
-def spectral_space(tasks: Sequence[TaskVector], weights: Sequence[float]) -> SpectralSpace:
+def spectral_space(tasks: Sequence[TaskVector], weights: Sequence[float],
+                   device: torch.device | None = None) -> SpectralSpace:
     """The factored space when every constituent is low-rank, the dense one otherwise."""
     if all(isinstance(t, LowRankDelta) for t in tasks):
-        return FactoredSpace(tasks, weights)  # type: ignore[arg-type]
+        return FactoredSpace(tasks, weights, device)  # type: ignore[arg-type]
     return SpectralSpace([dense(t) for t in tasks], weights)

@@ -3,6 +3,10 @@
 Streaming: modules are processed one per worker thread (:func:`unmerge_core.thread_map`),
 each adapter's ΔW formed block of rows by block of rows into a reused buffer, so memory is one dense
 module per thread whatever the number of layers or adapters; the top-k selection is exact (:func:`unmerge_plugins.lib.selection.topk_flat_indices`).
+
+``device = "cuda"`` (or ``"auto"`` on a machine with CUDA): each adapter's factors go to the GPU and
+its whole ΔW module is formed and folded there, and the top-k is taken there; only the indices come
+back (:meth:`TopKMasker.aggregate_on`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from pydantic import Field
 from unmerge_core import (
     BLOCK_ROWS,
     BufferPool,
+    DeviceParams,
     LoraAdapter,
     Mask,
-    PluginParams,
     PluginSpec,
     Stage,
     common_modules,
@@ -28,7 +32,7 @@ from unmerge_core import (
 from unmerge_plugins.lib.selection import topk_flat_indices
 
 
-class TopKParams(PluginParams):
+class TopKParams(DeviceParams):
     budget: int = Field(99_904, ge=1, description="total coordinates, split evenly over modules (892 × 112)")
     aggregate: Literal["max", "mean", "l2"] = "max"
 
@@ -36,6 +40,7 @@ class TopKParams(PluginParams):
 class TopKMasker:
     def __init__(self, params: TopKParams) -> None:
         self.params = params
+        self._pool = BufferPool()  # per-thread buffers of the shared pass's folds
 
     def build_mask(self, adapters: Sequence[LoraAdapter]) -> Mask:
         modules = common_modules(list(adapters))
@@ -43,9 +48,13 @@ class TopKMasker:
             raise ValueError("the dictionary adapters share no module")
         per_module = max(1, self.params.budget // len(modules))
         pool = BufferPool()
+        device = self.params.torch_device()
 
         def select(module: str) -> np.ndarray:
-            score = self.aggregate(adapters, module, pool)
+            if device.type == "cpu":
+                score = self.aggregate(adapters, module, pool)
+            else:
+                score = self.aggregate_on(adapters, module, device)
             return topk_flat_indices(score, min(per_module, score.numel()))
 
         # one module per worker thread; each thread reuses its buffers (one dense module + one block)
@@ -54,6 +63,22 @@ class TopKMasker:
         indices = {m: chosen[m] for m in modules}
         shapes = {m: adapters[0].modules[m].shape for m in modules}
         return Mask(indices, shapes)
+
+    # -- the core's shared pass over ΔW (FoldingMasker): the same mask, ΔW formed once with the statistics
+    def fold_modules(self, adapters: Sequence[LoraAdapter]) -> list[str] | None:
+        """The mask's modules (``None`` on a GPU: :meth:`build_mask` forms whole modules there instead)."""
+        if self.params.torch_device().type != "cpu":
+            return None
+        modules = common_modules(list(adapters))
+        if not modules:
+            raise ValueError("the dictionary adapters share no module")
+        return modules
+
+    def module_fold(self, adapters: Sequence[LoraAdapter], module: str) -> TopKFold:
+        modules = common_modules(list(adapters))
+        per_module = max(1, self.params.budget // len(modules))
+        shape = adapters[0].modules[module].shape
+        return TopKFold(shape, min(per_module, shape[0] * shape[1]), self.params.aggregate, len(adapters), self._pool)
 
     def aggregate(self, adapters: Sequence[LoraAdapter], module: str, pool: BufferPool | None = None) -> torch.Tensor:
         """|ΔW| aggregated over adapters, formed block of rows by block of rows.
@@ -94,6 +119,99 @@ class TopKMasker:
         elif how == "l2":
             acc.sqrt_()
         return acc
+
+    def aggregate_on(self, adapters: Sequence[LoraAdapter], module: str, device: torch.device) -> torch.Tensor:
+        """:meth:`aggregate` with every adapter's whole module formed on ``device`` (a GPU has the
+        memory for it; no row blocks). Equal to :meth:`aggregate` to float32 rounding."""
+        how = self.params.aggregate
+        acc: torch.Tensor | None = None
+        for adapter in adapters:
+            a, b = adapter.factors(module)
+            part = torch.mm(b.to(device), a.to(device))
+            scale = adapter.scale(module)
+            if scale != 1:
+                part.mul_(scale)
+            part.abs_()
+            if how == "l2":
+                part.square_()
+            if acc is None:
+                acc = part
+            elif how == "max":
+                torch.maximum(acc, part, out=acc)
+            else:
+                acc.add_(part)
+        assert acc is not None
+        if how == "mean":
+            acc.div_(len(adapters))
+        elif how == "l2":
+            acc.sqrt_()
+        return acc
+
+
+class TopKFold:
+    """One module's top-k of the aggregated ``|ΔW|``, from row blocks (see :class:`unmerge_core.ModuleFold`).
+
+    ``add`` folds each adapter's block into the module's aggregate exactly as
+    :meth:`TopKMasker.aggregate` does (same operations, same order, so the same float32 numbers).
+    ``candidates`` keeps the entries of finished rows that can still be in the top k: those at or
+    above a lower bound of the k-th largest value (the k-th largest of the candidates kept so far, or
+    of the rows themselves before there are k). ``select`` is the top k among the candidates: the
+    set :func:`~unmerge_plugins.lib.selection.topk_flat_indices` gives on the whole aggregate (up to
+    the order among entries tied exactly at the k-th value, which ``torch.topk`` leaves open too).
+    """
+
+    def __init__(self, shape: tuple[int, int], k: int, aggregate: str, adapters: int, pool: BufferPool) -> None:
+        self.shape, self.k, self.how, self.adapters = shape, k, aggregate, adapters
+        self.acc = pool.get(shape, "acc")
+        self.part = pool.get((min(BLOCK_ROWS, shape[0]), shape[1]), "fold")
+        self.bound: torch.Tensor | None = None
+        self.values: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, adapter: int, start: int, block: torch.Tensor) -> None:
+        rows = self.acc[start:start + block.shape[0]]
+        part = rows if adapter == 0 else self.part[: block.shape[0]]
+        torch.abs(block, out=part)
+        if self.how == "l2":
+            part.square_()
+        if adapter == 0:
+            return
+        if self.how == "max":
+            torch.maximum(rows, part, out=rows)
+        else:
+            rows.add_(part)
+
+    def candidates(self, start: int, stop: int) -> np.ndarray:
+        flat = self.acc[start:stop].reshape(-1)
+        if self.how == "mean":
+            flat.div_(self.adapters)
+        elif self.how == "l2":
+            flat.sqrt_()
+        floor = self.bound
+        if floor is None and flat.numel() > self.k:  # below the rows' own k-th value nothing can be in the top k
+            floor = torch.topk(flat, self.k, sorted=False).values.min()
+        chosen = torch.arange(flat.numel()) if floor is None else torch.nonzero(flat >= floor).reshape(-1)
+        indices = chosen + start * self.shape[1]
+        self.values.append(flat[chosen])
+        self.indices.append(indices)
+        self.size += int(chosen.numel())
+        if self.size >= self.k and (self.bound is None or self.size > 4 * self.k):
+            self._prune()
+        return indices.numpy().astype(np.int64, copy=False)
+
+    def _prune(self) -> None:
+        values, indices = torch.cat(self.values), torch.cat(self.indices)
+        kth = torch.topk(values, self.k, sorted=False).values.min()
+        keep = values >= kth  # ties with the k-th value stay candidates
+        self.values, self.indices = [values[keep]], [indices[keep]]
+        self.size = int(keep.sum())
+        self.bound = kth
+
+    def select(self) -> np.ndarray:
+        values, indices = torch.cat(self.values), torch.cat(self.indices)
+        best = torch.topk(values, min(self.k, int(values.numel())), sorted=False).indices
+        return np.sort(indices[best].numpy().astype(np.int64))
 
 
 def _numel(adapter: LoraAdapter, module: str) -> int:

@@ -20,17 +20,18 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from unmerge_core import LowRankDelta, MergeJob, PluginParams, PluginSpec, Stage
+from unmerge_core import DeviceParams, LowRankDelta, MergeJob, PluginSpec, Stage
 from unmerge_plugins.lib.spectral_merge import TaskVector, spectral_space
 
 
-class IsoCParams(PluginParams):
+class IsoCParams(DeviceParams):
     alpha: float = Field(1.0, gt=0, le=100, description="scale of the merged task vector")
 
 
-def iso_c(tasks: Sequence[TaskVector], weights: Sequence[float], alpha: float) -> Any:
+def iso_c(tasks: Sequence[TaskVector], weights: Sequence[float], alpha: float,
+          device: torch.device | None = None) -> Any:
     """Iso-C of one module (factored for LoRA constituents)."""
-    space = spectral_space(tasks, weights)
+    space = spectral_space(tasks, weights, device)
     u, s, v = space.sum_svd()
     mean = float(s.mean()) if s.numel() else 0.0
     return space.result(u, torch.full_like(s, alpha * mean), v)
@@ -45,7 +46,7 @@ class IsoCMerger:
 
     def merge_lowrank(self, job: MergeJob, module: str, deltas: Sequence[LowRankDelta],
                       flat_indices: np.ndarray) -> np.ndarray:
-        return iso_c(deltas, job.weights, self.params.alpha).gather(flat_indices)
+        return iso_c(deltas, job.weights, self.params.alpha, self.params.torch_device()).gather(flat_indices)
 
     def merge_module(self, job: MergeJob, module: str, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
         return iso_c(deltas, job.weights, self.params.alpha).dense().to(torch.float32)

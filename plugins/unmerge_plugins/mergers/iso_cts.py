@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from unmerge_core import LowRankDelta, MergeJob, PluginParams, PluginSpec, Stage
+from unmerge_core import DeviceParams, LowRankDelta, MergeJob, PluginSpec, Stage
 from unmerge_plugins.lib.spectral_merge import TaskVector, spectral_space
 
 
-class IsoCtsParams(PluginParams):
+class IsoCtsParams(DeviceParams):
     alpha: float = Field(1.0, gt=0, le=100, description="scale of the merged task vector")
     common_fraction: float = Field(0.8, ge=0, le=1, description="share of the sum's rank kept as the common subspace")
 
@@ -42,9 +42,10 @@ def subspace_sizes(rank: int, n_tasks: int, common_fraction: float) -> tuple[int
     return rank - n * n_tasks, n
 
 
-def iso_cts(tasks: Sequence[TaskVector], weights: Sequence[float], params: IsoCtsParams) -> Any:
+def iso_cts(tasks: Sequence[TaskVector], weights: Sequence[float], params: IsoCtsParams,
+            device: torch.device | None = None) -> Any:
     """Iso-CTS of one module (factored for LoRA constituents)."""
-    space = spectral_space(tasks, weights)
+    space = spectral_space(tasks, weights, device)
     u, s, v = space.sum_svd()
     rank = s.numel()
     if rank == 0:
@@ -72,7 +73,7 @@ class IsoCtsMerger:
 
     def merge_lowrank(self, job: MergeJob, module: str, deltas: Sequence[LowRankDelta],
                       flat_indices: np.ndarray) -> np.ndarray:
-        return iso_cts(deltas, job.weights, self.params).gather(flat_indices)
+        return iso_cts(deltas, job.weights, self.params, self.params.torch_device()).gather(flat_indices)
 
     def merge_module(self, job: MergeJob, module: str, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
         return iso_cts(deltas, job.weights, self.params).dense().to(torch.float32)

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_serializer
 
-from unmerge_core import LowRankDelta, MergeJob, PluginParams, PluginSpec, Stage, content_key
+from unmerge_core import DeviceParams, LowRankDelta, MergeJob, PluginSpec, Stage, content_key
 from unmerge_plugins.lib.elementwise_merge import (
     MASKED_METHODS,
     STATISTICS_METHODS,
+    MagnitudeStatisticsStream,
     magnitude_statistics,
     merge_values,
     settings_from_parameters,
@@ -64,7 +65,7 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {message}" if where else message
 
 
-class MergekitParams(PluginParams):
+class MergekitParams(DeviceParams):
     """Shared merge parameters; defaults follow the seeds' phase 2 (TIES and DARE at density 0.5)."""
 
     density: float = Field(0.5, gt=0, le=1, description="kept fraction for every method with a density "
@@ -109,6 +110,8 @@ class MergekitParams(PluginParams):
         data = handler(self)
         if not self.methods:  # runs without per-method settings keep the cache keys they always had
             data.pop("methods", None)
+        if data.get("device") in ("auto", "cpu"):  # an execution choice (see unmerge_core.devices)
+            data.pop("device")
         return data
 
 
@@ -204,8 +207,12 @@ class MergekitMerger:
         return STATISTICS_METHODS & self.masked_methods
 
     def statistics_config(self) -> dict[str, Any]:
-        """What the statistics depend on (their cache key): only the TIES density."""
-        return {"kind": "magnitude-threshold", "density": self._ties_density}
+        """What the statistics depend on (their cache key): the TIES density (and ``device = "cuda"``
+        when asked for explicitly: GPU thresholds equal the CPU's only to float32 rounding)."""
+        config: dict[str, Any] = {"kind": "magnitude-threshold", "density": self._ties_density}
+        if self.params.device == "cuda":
+            config["device"] = "cuda"
+        return config
 
     @property
     def _ties_density(self) -> float:
@@ -215,8 +222,17 @@ class MergekitMerger:
             return float(self.params.density)
 
     def module_statistics(self, delta: LowRankDelta | torch.Tensor, module: str) -> dict[str, float]:
-        """One task's statistics for one module: TIES's magnitude threshold at ``density``."""
-        return magnitude_statistics(delta, self._ties_density)
+        """One task's statistics for one module: TIES's magnitude threshold at ``density`` (formed and
+        selected on the GPU when ``device`` resolves to CUDA)."""
+        device = self.params.torch_device()
+        return magnitude_statistics(delta, self._ties_density, None if device.type == "cpu" else device)
+
+    def statistics_stream(self, delta: LowRankDelta, module: str) -> MagnitudeStatisticsStream | None:
+        """:meth:`module_statistics` fed from the core's shared pass over ΔW (``None`` on a GPU,
+        where the module is formed whole on the device instead)."""
+        if self.params.torch_device().type != "cpu":
+            return None
+        return MagnitudeStatisticsStream(delta, self._ties_density)
 
     def merge_masked(self, job: MergeJob, module: str, flat_indices: np.ndarray, values: Sequence[np.ndarray],
                      statistics: Sequence[Mapping[str, float] | None]) -> np.ndarray:

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from unmerge_core import LowRankDelta, MergeJob, PluginParams, PluginSpec, Stage
+from unmerge_core import DeviceParams, LowRankDelta, MergeJob, PluginSpec, Stage
 from unmerge_plugins.lib.spectral_merge import TaskVector, spectral_space
 
 
-class TsvMParams(PluginParams):
+class TsvMParams(DeviceParams):
     alpha: float = Field(1.0, gt=0, le=100, description="scale of the merged task vector")
     fraction: float = Field(1.0, gt=0, le=1, description="per-task budget k = ⌊fraction · min(out, in) / T⌋")
     rank: int | None = Field(None, ge=1, description="per-task number of singular directions (overrides fraction)")
@@ -40,10 +40,11 @@ def per_task_rank(shape: tuple[int, int], n_tasks: int, fraction: float) -> int:
     return max(1, int(fraction * min(shape) / n_tasks))
 
 
-def tsv_m(tasks: Sequence[TaskVector], weights: Sequence[float], params: TsvMParams) -> Any:
+def tsv_m(tasks: Sequence[TaskVector], weights: Sequence[float], params: TsvMParams,
+          device: torch.device | None = None) -> Any:
     """TSV-M of one module: a :class:`~unmerge_plugins.lib.spectral_merge.FramedResult` for LoRA
     constituents (factored), a :class:`~unmerge_plugins.lib.spectral_merge.Factored` for dense ones."""
-    space = spectral_space(tasks, weights)
+    space = spectral_space(tasks, weights, device)
     k = params.rank if params.rank is not None else per_task_rank(space.shape, len(tasks), params.fraction)
     parts = [space.task_svd(i) for i in range(len(tasks))]
     u = torch.cat([p[0][:, :k] for p in parts], dim=1)
@@ -61,7 +62,7 @@ class TsvMerger:
 
     def merge_lowrank(self, job: MergeJob, module: str, deltas: Sequence[LowRankDelta],
                       flat_indices: np.ndarray) -> np.ndarray:
-        return tsv_m(deltas, job.weights, self.params).gather(flat_indices)
+        return tsv_m(deltas, job.weights, self.params, self.params.torch_device()).gather(flat_indices)
 
     def merge_module(self, job: MergeJob, module: str, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
         return tsv_m(deltas, job.weights, self.params).dense().to(torch.float32)

@@ -42,7 +42,7 @@ def test_bad_param_type_names_field(write_manifest) -> None:
 
 def test_unknown_param_lists_accepted_ones(write_manifest) -> None:
     msg = error_of(write_manifest(**{"budget = 300": "budget = 300, bugdet = 1"}))
-    assert "masker.params.bugdet: unknown field; masker plugin 'topk' accepts: budget, aggregate" in msg
+    assert "masker.params.bugdet: unknown field; masker plugin 'topk' accepts: device, budget, aggregate" in msg
 
 
 def test_missing_task(write_manifest) -> None:

@@ -1,0 +1,158 @@
+"""The shared pass over the dictionary's ΔW: the masker's mask and the merge statistics from one
+formation per module, bit for bit what the two stages give on their own."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import write_lora
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from unmerge_plugins.maskers.topk import TopKMasker, TopKParams
+from unmerge_plugins.mergers.mergekit_merger import MergekitMerger, MergekitParams
+
+from unmerge_core import LoraAdapter, PluginError
+from unmerge_core.config.manifest import load_manifest
+from unmerge_core.pipeline.delta_pass import StatisticsRequest, shared_pass
+from unmerge_core.pipeline.merging import compute_statistics
+from unmerge_core.pipeline.runner import Runner
+from unmerge_core.types import FoldingMasker, StreamingStatisticsMerger
+
+# more rows than one 64-row block, a module of exactly one block, an odd one, a tiny one
+MODULES = {"model.layers.0.q": (200, 96), "model.layers.0.k": (64, 96), "model.layers.1.q": (130, 50),
+           "model.layers.1.k": (3, 5)}
+
+
+def dictionary(tmp_path, n: int = 4, modules=MODULES, rank: int = 4) -> list[LoraAdapter]:
+    return [LoraAdapter(write_lora(tmp_path / f"a{i}", modules, rank=rank, seed=i), f"a{i}") for i in range(n)]
+
+
+def test_builtins_implement_the_shared_pass() -> None:
+    assert isinstance(TopKMasker(TopKParams()), FoldingMasker)
+    assert isinstance(MergekitMerger(MergekitParams()), StreamingStatisticsMerger)
+
+
+@pytest.mark.parametrize("aggregate", ["max", "mean", "l2"])
+@pytest.mark.parametrize("budget", [8, 200, 10_000])
+def test_shared_mask_equals_build_mask(tmp_path, aggregate, budget) -> None:
+    adapters = dictionary(tmp_path)
+    masker = TopKMasker(TopKParams(budget=budget, aggregate=aggregate))
+    expected = masker.build_mask(adapters)
+    got = shared_pass(masker, "topk", adapters, []).mask
+    assert list(got.indices) == list(expected.indices) and dict(got.shapes) == dict(expected.shapes)
+    for module in expected.indices:
+        np.testing.assert_array_equal(got.indices[module], expected.indices[module])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 300), cols=st.integers(1, 80), rank=st.integers(1, 6), n=st.integers(1, 5),
+       budget=st.integers(1, 3000), seed=st.integers(0, 10_000), aggregate=st.sampled_from(["max", "mean", "l2"]))
+def test_shared_mask_equals_build_mask_on_any_shape(tmp_path_factory, rows, cols, rank, n, budget, seed,
+                                                     aggregate) -> None:
+    root = tmp_path_factory.mktemp("shapes")
+    modules = {"model.layers.0.q": (rows, cols), "model.layers.0.k": (max(1, rows // 3), cols)}
+    adapters = [LoraAdapter(write_lora(root / f"a{i}", modules, rank=rank, seed=seed + i), f"a{i}") for i in range(n)]
+    masker = TopKMasker(TopKParams(budget=budget, aggregate=aggregate))
+    expected = masker.build_mask(adapters)
+    got = shared_pass(masker, "topk", adapters, []).mask
+    for module in modules:
+        np.testing.assert_array_equal(got.indices[module], expected.indices[module])
+
+
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.97, 1.0])
+def test_shared_statistics_equal_the_statistics_stage(tmp_path, density) -> None:
+    adapters = dictionary(tmp_path)
+    masker = TopKMasker(TopKParams(budget=300))
+    merger = MergekitMerger(MergekitParams(density=density))
+    requests = [StatisticsRequest(i, merger, "mergekit") for i in (0, 2, 3)]
+    result = shared_pass(masker, "topk", adapters, requests)
+    for request, shared in zip(requests, result.statistics):
+        stats, values = compute_statistics(merger, adapters[request.adapter], result.mask)
+        assert shared is not None
+        assert json.dumps(shared[0]) == json.dumps(stats)  # same modules, same order, same floats
+        assert shared[1].dtype == values.dtype and np.array_equal(shared[1], values)
+
+
+def test_a_merger_that_declines_to_stream_is_left_to_the_statistics_stage(tmp_path, monkeypatch) -> None:
+    adapters = dictionary(tmp_path, n=2)
+    merger = MergekitMerger(MergekitParams())
+    monkeypatch.setattr(merger, "statistics_stream", lambda delta, module: None)
+    result = shared_pass(TopKMasker(TopKParams(budget=100)), "topk", adapters, [StatisticsRequest(0, merger, "m")])
+    assert result.statistics == [None]
+
+
+def test_a_masker_that_declines_gives_no_shared_pass(tmp_path, monkeypatch) -> None:
+    masker = TopKMasker(TopKParams(budget=100))
+    monkeypatch.setattr(masker, "fold_modules", lambda adapters: None)
+    assert shared_pass(masker, "topk", dictionary(tmp_path, n=2), []) is None
+
+
+class _Liar:
+    """A fold that selects a coordinate it never offered."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def add(self, adapter, start, block) -> None:
+        self.inner.add(adapter, start, block)
+
+    def candidates(self, start, stop):
+        return self.inner.candidates(start, stop)[:1]
+
+    def select(self):
+        return self.inner.select()
+
+
+def test_a_fold_that_selects_what_it_never_offered_is_one_line(tmp_path, monkeypatch) -> None:
+    masker = TopKMasker(TopKParams(budget=100))
+    real = masker.module_fold
+    monkeypatch.setattr(masker, "module_fold", lambda adapters, module: _Liar(real(adapters, module)))
+    with pytest.raises(PluginError) as info:
+        shared_pass(masker, "topk", dictionary(tmp_path, n=2), [])
+    assert "masker plugin 'topk'" in str(info.value) and "never offered" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_candidates_outside_their_rows_are_refused(tmp_path, monkeypatch) -> None:
+    masker = TopKMasker(TopKParams(budget=100))
+    real = masker.module_fold
+
+    class Outside(_Liar):
+        def candidates(self, start, stop):
+            return self.inner.candidates(start, stop) + 10**9
+
+    monkeypatch.setattr(masker, "module_fold", lambda adapters, module: Outside(real(adapters, module)))
+    with pytest.raises(PluginError, match="outside those rows"):
+        shared_pass(masker, "topk", dictionary(tmp_path, n=2), [])
+
+
+TIES_MANIFEST_EDIT = {"targets_per_group = 4": 'targets_per_group = 4\nmethods = ["ties", "linear"]',
+                      '"layers.1.q" = [24, 32]': '"layers.1.q" = [150, 32]'}
+
+
+def run_files(write_manifest, workdir, name: str) -> tuple[Runner, dict[str, bytes]]:
+    path = write_manifest(name=f"{name}.toml", **TIES_MANIFEST_EDIT,
+                          **{'name = "synthetic-test"': f'name = "{name}"'})
+    runner = Runner(load_manifest(path), progress=False, echo=lambda s: None)
+    runner.run()
+    cache = runner.store.root / "cache"
+    files = {str(p.relative_to(cache)): p.read_bytes() for kind in ("masks", "merge-stats", "targets")
+             for p in sorted((cache / kind).rglob("*")) if p.is_file() and p.name != "DONE"}
+    files["summary.csv"] = (runner.run_dir / "summary.csv").read_bytes()
+    return runner, files
+
+
+def test_a_run_with_the_shared_pass_equals_one_without(write_manifest, workdir, monkeypatch) -> None:
+    shared_runner, shared = run_files(write_manifest, workdir, "shared")
+    stats_stage = next(t for t in shared_runner.timings if t.stage == "merge-statistics")
+    dictionary_tasks = len(shared_runner.m.atoms)
+    assert stats_stage.reused >= 1 and stats_stage.reused <= dictionary_tasks
+    monkeypatch.delattr(MergekitMerger, "statistics_stream")
+    assert not isinstance(MergekitMerger(MergekitParams()), StreamingStatisticsMerger)
+    separate_runner, separate = run_files(write_manifest, workdir, "separate")
+    assert next(t for t in separate_runner.timings if t.stage == "merge-statistics").reused == 0
+    assert shared.keys() == separate.keys() and len(shared) > 10
+    for name in shared:
+        assert shared[name] == separate[name], name
