@@ -34,13 +34,38 @@ def test_bracket_miss_falls_back_to_the_exact_answer(monkeypatch) -> None:
     expected = reference_kth(x, x.numel() // 2)
     calls = []
 
-    def wrong_bracket(sample_abs, rank, numel):
-        calls.append(rank)
+    def wrong_bracket(sample_abs, rank, numel, sigmas=6.0):
+        calls.append(sigmas)
         return 1e9, 2e9  # nothing inside: the counts show the miss
 
     monkeypatch.setattr(selection, "_bracket", wrong_bracket)
     assert kth_largest_abs(x, x.numel() // 2) == expected
-    assert calls, "the bracketed path was not taken"
+    assert calls == [6.0, 24.0], "the bracketed path and its wider second pass were not taken"
+
+
+def test_a_narrow_miss_is_recovered_by_the_wider_second_pass(monkeypatch) -> None:
+    """A first bracket just beside the answer (what a correlated sample gives): the second, wider
+    pass finds it without the full partition."""
+    x = low_rank(1100, 1000, seed=4)
+    k = x.numel() // 2
+    expected = reference_kth(x, k)
+    real = selection._bracket
+    partitioned: list[int] = []
+
+    def beside(sample_abs, rank, numel, sigmas=6.0):
+        lo, hi = real(sample_abs, rank, numel, sigmas)
+        return (expected * 1.0001, expected * 1.001) if sigmas == 6.0 else (lo, hi)
+
+    real_partition = np.partition
+
+    def counting_partition(a, kth, *args, **kwargs):
+        partitioned.append(np.asarray(a).size)
+        return real_partition(a, kth, *args, **kwargs)
+
+    monkeypatch.setattr(selection, "_bracket", beside)
+    monkeypatch.setattr(selection.np, "partition", counting_partition)
+    assert kth_largest_abs(x, k) == expected
+    assert partitioned and max(partitioned) < x.numel() // 4, partitioned  # never the whole module
 
 
 def test_ties_and_zeros() -> None:
