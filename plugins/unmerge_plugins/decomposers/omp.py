@@ -23,25 +23,29 @@ class Omp:
         self.params = params
 
     def decompose(self, problem: DecompositionProblem) -> Decomposition:
-        from sklearn.linear_model import OrthogonalMatchingPursuit
+        from sklearn.linear_model import orthogonal_mp_gram
 
-        d, y = problem.dictionary, problem.target
-        n_atoms = d.shape[1]
-        norms = np.linalg.norm(d, axis=0)
+        # scikit-learn's OrthogonalMatchingPursuit.fit forms DᵀD and Dᵀy and calls orthogonal_mp_gram;
+        # here DᵀD is the run's shared one (n_coords × atoms per target instead of × atoms²)
+        gram, rhs = problem.normal_equations()
+        y = problem.target
+        n_atoms = gram.shape[0]
+        norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
         norms[norms == 0] = 1.0
-        dn = d / norms
-        y_norm = float(np.linalg.norm(y)) or 1.0
-        y = y / y_norm  # scikit-learn's stopping rule is absolute: work at unit scale
-        kwargs: dict[str, object] = {"fit_intercept": False}
+        y_norm = float(np.linalg.norm(y)) or 1.0  # scikit-learn's stopping rule is absolute: work at unit scale
+        gram_n = gram / np.outer(norms, norms)
+        rhs_n = rhs / norms / y_norm
+        y_sq = float(y @ y) / y_norm**2
+        kwargs: dict[str, object] = {}
         if self.params.n_nonzero_coefs is not None:
             kwargs["n_nonzero_coefs"] = min(self.params.n_nonzero_coefs, n_atoms)
         else:
-            kwargs["tol"] = (self.params.tol_relative or 1e-3) * float(y @ y)
-        model = OrthogonalMatchingPursuit(**kwargs)
+            kwargs["tol"] = (self.params.tol_relative or 1e-3) * y_sq
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.fit(dn, y)
-        return decomposition(problem, model.coef_ / norms * y_norm)
+            coef = orthogonal_mp_gram(gram_n, rhs_n, norms_squared=np.array([y_sq]), copy_Gram=False,
+                                      copy_Xy=False, **kwargs)
+        return decomposition(problem, np.asarray(coef).reshape(-1) / norms * y_norm)
 
 
 SPEC = PluginSpec("omp", Stage.DECOMPOSER, "Orthogonal matching pursuit (scikit-learn)",
