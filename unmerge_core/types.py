@@ -233,6 +233,20 @@ class MergeJob:
 
 
 @dataclass(frozen=True)
+class DictionaryGram:
+    """``gram = DᵀD`` of one dictionary matrix, with the matrix it was formed from (read only)."""
+
+    dictionary: np.ndarray = field(repr=False)
+    gram: np.ndarray
+
+    @classmethod
+    def of(cls, dictionary: np.ndarray) -> DictionaryGram:
+        gram = np.ascontiguousarray(dictionary.T @ dictionary)
+        gram.setflags(write=False)
+        return cls(dictionary, gram)
+
+
+@dataclass(frozen=True)
 class DecompositionProblem:
     """A target vector to express with a dictionary of atoms.
 
@@ -246,9 +260,10 @@ class DecompositionProblem:
         skills: The skill (task) of each atom when the dictionary holds several trainings of one
             skill; empty when every atom is its own skill. A decomposer may decide per skill
             (pooling its atoms); metrics judge attributions per skill either way.
-        gram: ``DᵀD`` (``(n_atoms, n_atoms)``, read only) when the caller computed it once for the
-            dictionary (the run does: every target shares it), else ``None``. Use
-            :meth:`normal_equations` rather than this field.
+        gram: ``DᵀD`` when the caller formed it once for the dictionary (a run does: every target
+            shares it), else ``None``. Use :meth:`normal_equations` rather than this field: it
+            checks that the Gram matrix belongs to this problem's ``dictionary`` (a sub-problem made
+            with ``dataclasses.replace`` keeps the field but not the matrix it was formed from).
     """
 
     dictionary: np.ndarray
@@ -257,13 +272,17 @@ class DecompositionProblem:
     groups: Mapping[str, slice] = field(default_factory=dict)
     seed: int = 0
     skills: tuple[str, ...] = ()
-    gram: np.ndarray | None = field(default=None, repr=False)
+    gram: DictionaryGram | None = field(default=None, repr=False)
 
     def normal_equations(self) -> tuple[np.ndarray, np.ndarray]:
         """``(DᵀD, Dᵀy)``: the Gram matrix shared by every target of the dictionary (formed here only
-        when the caller gave none) and this target's right-hand side. A least-squares decomposer
-        working from them costs ``n_coords × n_atoms`` per target instead of ``n_coords × n_atoms²``."""
-        gram = self.gram if self.gram is not None else self.dictionary.T @ self.dictionary
+        when the caller gave none, or one formed from another matrix) and this target's right-hand
+        side. A least-squares decomposer working from them costs ``n_coords × n_atoms`` per target
+        instead of ``n_coords × n_atoms²``."""
+        if self.gram is not None and self.gram.dictionary is self.dictionary:
+            gram = self.gram.gram
+        else:
+            gram = self.dictionary.T @ self.dictionary
         return gram, self.dictionary.T @ self.target
 
     @property

@@ -33,7 +33,14 @@ from unmerge_core.io.store import (
     to_jsonable,
 )
 from unmerge_core.pipeline.executor import Executor, SequentialExecutor, progress
-from unmerge_core.types import Decomposition, DecompositionProblem, MergeJob, RunContext, TargetEvaluation
+from unmerge_core.types import (
+    Decomposition,
+    DecompositionProblem,
+    DictionaryGram,
+    MergeJob,
+    RunContext,
+    TargetEvaluation,
+)
 
 NEAR_DUPLICATE_COSINE = 0.99
 """Two atoms whose masked vectors have at least this cosine are reported as near-duplicates."""
@@ -298,15 +305,15 @@ class ScoreLoop:
         self.executor = executor or SequentialExecutor(progress=show_progress)
         self.show_progress = show_progress
         self._made = {t.target_id for t in context.targets} if context is not None else set()
-        self._gram: np.ndarray | None = None
+        self._gram: DictionaryGram | None = None
         self.reused_decompositions = 0  # decompositions loaded from the cache instead of computed
         self.reused_metric_sets = 0  # decompositions whose every metric value came from the cache
 
     @property
-    def gram(self) -> np.ndarray:
+    def gram(self) -> DictionaryGram:
         """``DᵀD`` of the dictionary, formed once and shared by every problem (read only)."""
         if self._gram is None:
-            self._gram = read_only(np.ascontiguousarray(self.dictionary.T @ self.dictionary))
+            self._gram = DictionaryGram.of(self.dictionary)
         return self._gram
 
     def with_metrics(self, extra: Sequence[tuple[Any, Any]]) -> ScoreLoop:
