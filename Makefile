@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MANIFEST ?= experiments/quickstart.toml
 
-.PHONY: install run test test-slow fuzz scenarios merge-methods bench clean
+.PHONY: install run test test-slow fuzz scenarios merge-methods bench bench-scaling clean
 
 install: $(STAMP)
 
@@ -40,12 +40,19 @@ merge-methods: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q
 
-# Paper scale on this machine (minutes; not part of `make test`): the 7B-shaped run end to end, its
-# floor, and the fast merge path against mergekit's dense route. Results in bench-results/.
+# Paper scale on this machine (~25 minutes; not part of `make test`): the 7B-shaped run end to end,
+# its floor, the fast merge path against mergekit's dense route, `unmerge attribute` on a 7B-shaped
+# checkpoint, and the growth from 15 to 100 adapters. Results in bench-results/.
 bench: install
 	$(BIN)/python benchmarks/paper_scale.py $(BENCH_ARGS)
 	# peak memory of `unmerge attribute` on a 7B-shaped sharded checkpoint (fails above 3 GB)
 	$(BIN)/python benchmarks/attribute_memory.py
+	$(MAKE) bench-scaling
+
+# 7B-shaped dictionaries of 15, 25, 50 and 100 adapters (72 to 1,152 targets): time per adapter and
+# per target, peak RSS, growth exponents (~15 minutes)
+bench-scaling: install
+	$(BIN)/python benchmarks/scaling.py $(SCALING_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
