@@ -154,8 +154,10 @@ def unmerge_maskers() -> list[PluginSpec]:
         mask from ΔW given block of rows by block of rows lets the core form each module once for
         both::
 
-            def fold_modules(self, adapters) -> Sequence[str] | None    # the mask's modules, in order
-            def module_fold(self, adapters, module: str) -> ModuleFold  # one per module, on worker threads
+            def fold_plan(self, adapters) -> FoldPlan | None
+            # FoldPlan: .modules (the mask's modules, in order) and
+            #           .fold(module, pool) -> ModuleFold (one per module, on worker threads;
+            #           pool.get(shape, tag) gives the thread reusable buffers freed with the pass)
 
         The core then feeds, for each block of :data:`~unmerge_core.BLOCK_ROWS` rows, every adapter's
         block to ``fold.add(adapter_index, start_row, block)`` (float32, read only: the same block goes
@@ -163,7 +165,7 @@ def unmerge_maskers() -> list[PluginSpec]:
         ascending flat indices in those rows that may still be chosen: the core keeps the statistics
         adapters' values there) and finally ``fold.select()``, which must return a subset of the
         candidates. The mask assembled from the folds must equal ``build_mask``'s (the ``topk``
-        masker's test checks it on random shapes); ``fold_modules`` may return ``None`` to decline
+        masker's test checks it on random shapes); ``fold_plan`` may return ``None`` to decline
         (``topk`` does on a GPU, where it forms whole modules itself).
 
     Example::

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from unmerge_core.io.adapters import LoraAdapter
     from unmerge_core.io.lowrank import LowRankDelta
+    from unmerge_core.pipeline.parallel import BufferPool
 
 
 class Stage(str, Enum):
@@ -278,11 +279,12 @@ class DecompositionProblem:
         """``(DᵀD, Dᵀy)``: the Gram matrix shared by every target of the dictionary (formed here only
         when the caller gave none, or one formed from another matrix) and this target's right-hand
         side. A least-squares decomposer working from them costs ``n_coords × n_atoms`` per target
-        instead of ``n_coords × n_atoms²``."""
+        instead of ``n_coords × n_atoms²``. The Gram matrix is read only (shared): copy it to change it."""
         if self.gram is not None and self.gram.dictionary is self.dictionary:
             gram = self.gram.gram
         else:
             gram = self.dictionary.T @ self.dictionary
+            gram.setflags(write=False)  # read only either way: a decomposer copies before changing it
         return gram, self.dictionary.T @ self.target
 
     @property
@@ -528,20 +530,28 @@ class ModuleFold(Protocol):
         ...
 
 
+class FoldPlan(Protocol):
+    """One shared pass of a :class:`FoldingMasker` over a dictionary: its modules and their folds."""
+
+    modules: Sequence[str]
+    """The mask's modules, in the mask's order."""
+
+    def fold(self, module: str, pool: BufferPool) -> ModuleFold:
+        """A fresh fold for one module (called on worker threads, one module per thread at a time);
+        ``pool`` gives the calling thread reusable buffers that live as long as the pass."""
+        ...
+
+
 @runtime_checkable
 class FoldingMasker(Masker, Protocol):
     """A masker whose mask is made module by module from streamed ΔW blocks (the shared pass).
 
-    ``build_mask(adapters)`` must equal the mask assembled from ``fold_modules`` and the folds'
-    ``select()``: the shared pass is only a faster way to the same mask.
+    ``build_mask(adapters)`` must equal the mask assembled from the plan's folds' ``select()``:
+    the shared pass is only a faster way to the same mask.
     """
 
-    def fold_modules(self, adapters: Sequence[LoraAdapter]) -> Sequence[str]:
-        """The modules of the mask, in the mask's order."""
-        ...
-
-    def module_fold(self, adapters: Sequence[LoraAdapter], module: str) -> ModuleFold:
-        """A fresh fold for one module (called on worker threads, one module per thread at a time)."""
+    def fold_plan(self, adapters: Sequence[LoraAdapter]) -> FoldPlan | None:
+        """The pass over ``adapters`` (``None`` declines it: the core calls :meth:`build_mask`)."""
         ...
 
 

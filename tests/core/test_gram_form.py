@@ -70,3 +70,14 @@ def test_a_run_forms_the_gram_once_for_every_target(monkeypatch) -> None:
     assert len(results) == 5 and calls == [base.dictionary.shape]
     grams = {id(p.gram) for _, _, p, _, _ in results}
     assert len(grams) == 1
+
+
+def test_the_gram_matrix_is_read_only_whether_shared_or_not() -> None:
+    """A decomposer that changed it in place worked in its own tests and failed in a run."""
+    plain = problem()
+    shared = dataclasses.replace(plain, gram=DictionaryGram.of(plain.dictionary))
+    for p in (plain, shared):
+        gram, rhs = p.normal_equations()
+        assert not gram.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            gram[0, 0] += 1.0

@@ -51,15 +51,16 @@ def shared_pass(masker: Any, masker_label: str, adapters: Sequence[LoraAdapter],
                 requests: Sequence[StatisticsRequest], workers: int | None = None) -> SharedPassResult | None:
     """The mask and the requested statistics from one formation of each adapter's ΔW per module.
 
-    Returns ``None`` when the masker declines (its ``fold_modules`` returned ``None``). Modules run on
+    Returns ``None`` when the masker declines (its ``fold_plan`` returned ``None``). Modules run on
     ``workers`` threads, largest first; each thread holds one module's aggregate and one block of
-    rows per adapter.
+    rows per adapter, in buffers that are freed with the pass.
     """
+    adapters = list(adapters)
     with plugin_errors("masker", masker_label):
-        modules = masker.fold_modules(list(adapters))
-    if modules is None:
-        return None
-    modules = list(modules)
+        plan = masker.fold_plan(adapters)
+        if plan is None:
+            return None
+        modules = list(plan.modules)
     pool = BufferPool()
     by_adapter: dict[int, list[int]] = {}
     for r, request in enumerate(requests):
@@ -67,7 +68,7 @@ def shared_pass(masker: Any, masker_label: str, adapters: Sequence[LoraAdapter],
 
     def one(module: str) -> tuple[np.ndarray, list[tuple[dict[str, float], np.ndarray] | None]]:
         with plugin_errors("masker", masker_label):
-            fold = masker.module_fold(list(adapters), module)
+            fold = plan.fold(module, pool)
         n_out, n_in = adapters[0].modules[module].shape
         deltas = []
         for adapter in adapters:
@@ -98,7 +99,7 @@ def shared_pass(masker: Any, masker_label: str, adapters: Sequence[LoraAdapter],
                 candidates = np.asarray(fold.candidates(start, stop), dtype=np.int64)
             local = candidates - start * n_in
             if local.size and (local[0] < 0 or local[-1] >= (stop - start) * n_in or np.any(np.diff(local) <= 0)):
-                raise PluginError("masker", masker_label, f"module_fold.candidates({start}, {stop}) of {module} "
+                raise PluginError("masker", masker_label, f"fold.candidates({start}, {stop}) of {module} "
                                                           "returned indices outside those rows or not ascending")
             offered.append(candidates)
             for i in keeping:
@@ -109,7 +110,7 @@ def shared_pass(masker: Any, masker_label: str, adapters: Sequence[LoraAdapter],
         position = np.searchsorted(all_offered, chosen)
         inside = position < all_offered.size
         if not np.all(inside) or not np.array_equal(all_offered[position[inside]], chosen):
-            raise PluginError("masker", masker_label, f"module_fold.select() of {module} returned coordinates "
+            raise PluginError("masker", masker_label, f"fold.select() of {module} returned coordinates "
                                                       "that were never offered as candidates")
         results: list[tuple[dict[str, float], np.ndarray] | None] = []
         for r, request in enumerate(requests):

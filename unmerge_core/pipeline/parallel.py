@@ -56,13 +56,18 @@ def thread_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None = N
 
     torch runs single-threaded inside (one core per item): the per-module kernels are too small to
     split, and split kernels spin-wait badly when the cores are shared. With one worker (or one
-    item) it is a plain loop, still with single-threaded torch.
+    item) it is a plain loop, still with single-threaded torch: either way every product runs on one
+    thread, so results do not depend on the number of workers.
     """
     workers = worker_count() if workers is None else max(1, workers)
     with torch_threads(1):
         if workers == 1 or len(items) <= 1:
             return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        # each worker sets its own OpenMP thread count too (set_num_threads is per calling thread for
+        # OpenMP): otherwise BLAS splits small products over threads in workers but not in the main
+        # thread, and the float32 bits of ΔW would depend on how many workers ran
+        with ThreadPoolExecutor(max_workers=min(workers, len(items)), initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
             return list(pool.map(fn, items))
 
 

@@ -67,13 +67,22 @@ class ScoreTarget:
 
 @dataclass(frozen=True)
 class Scored:
-    """One (target, decomposer) result with its metric values."""
+    """One (target, decomposer) result with its metric values.
+
+    ``decomposition`` is kept compact: when its reconstruction is exactly ``D @ c`` the array is
+    dropped (empty) — a run holds every target × decomposer result — and :attr:`full_decomposition`
+    recomputes it, bit for bit (metrics are given the full one).
+    """
 
     spec: MergeJob
     decomposer: str
     problem: DecompositionProblem
     decomposition: Decomposition
     metrics: dict[str, float | None]
+
+    @property
+    def full_decomposition(self) -> Decomposition:
+        return restored(self.decomposition, self.problem)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,7 +33,11 @@ PREFERRED_ORDER = ("precision", "recall", "f1", "perfect_match", "rank_auc", "sp
 
 @dataclass
 class ResultRow:
-    """One (target, decomposer) result: the target's specification, the decomposition, the metrics."""
+    """One (target, decomposer) result: the target's specification, the decomposition, the metrics.
+
+    The decomposition is the compact one a run keeps (coefficients, support, verdict, info): its
+    ``reconstruction`` is empty when it was exactly ``D @ c`` (recompute it from the dictionary).
+    """
 
     decomposer: str
     target: MergeJob

@@ -221,11 +221,30 @@ class _BracketCounter:
         return self.below, (np.concatenate(self.kept) if self.kept else np.empty(0, dtype=self.dtype))
 
 
+def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (ascending, int64) of the ``k`` largest of a 1-D tensor, ties broken canonically:
+    every value above the k-th, then the first positions holding the k-th value itself.
+
+    ``torch.topk`` leaves the choice among tied values to its implementation, which depends on the
+    array it is given; a canonical rule makes the mask the same whichever candidates are searched
+    (the whole module, the row-maximum subset, or the shared pass's streamed candidates).
+    """
+    n = int(values.numel())
+    if k >= n:
+        return torch.arange(n, device=values.device)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.int64, device=values.device)
+    kth = torch.topk(values, k, sorted=False).values.min()
+    above = torch.nonzero(values > kth).reshape(-1)
+    tied = torch.nonzero(values == kth).reshape(-1)[: k - int(above.numel())]
+    return torch.sort(torch.cat([above, tied])).values
+
+
 def topk_flat_indices(score: torch.Tensor, k: int) -> np.ndarray:
     """Flat indices of the ``k`` largest entries of a 2-D ``score``, sorted ascending (int64).
 
-    The same set as ``torch.topk(score.reshape(-1), k)`` (ties at the k-th value may be broken
-    differently, as ``torch.topk`` itself does not specify the order among ties).
+    The set ``torch.topk(score.reshape(-1), k)`` gives, with ties at the k-th value broken by the
+    lowest flat index (:func:`top_k_positions`), so it is a function of the scores alone.
     """
     if score.dim() != 2:
         score = score.reshape(1, -1)
@@ -236,10 +255,10 @@ def topk_flat_indices(score: torch.Tensor, k: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     flat = score.reshape(-1)
     if k > rows or n <= _SMALL:
-        top = torch.topk(flat, k, sorted=False).indices
-        return np.sort(top.cpu().numpy().astype(np.int64))
+        return top_k_positions(flat, k).cpu().numpy().astype(np.int64)
     row_max = score.amax(dim=1)
     bound = torch.topk(row_max, k, sorted=False).values.min()
-    candidates = torch.nonzero(flat >= bound).reshape(-1)  # ≥ k entries, all of the top k among them
-    best = torch.topk(flat[candidates], k, sorted=False).indices
-    return np.sort(candidates[best].cpu().numpy().astype(np.int64))
+    # ≥ k entries, ascending, all of the top k among them (every entry tied with the k-th value too)
+    candidates = torch.nonzero(flat >= bound).reshape(-1)
+    best = top_k_positions(flat[candidates], k)
+    return candidates[best].cpu().numpy().astype(np.int64)

@@ -12,6 +12,7 @@ back (:meth:`TopKMasker.aggregate_on`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -29,7 +30,7 @@ from unmerge_core import (
     common_modules,
     thread_map,
 )
-from unmerge_plugins.lib.selection import topk_flat_indices
+from unmerge_plugins.lib.selection import top_k_positions, topk_flat_indices
 
 
 class TopKParams(DeviceParams):
@@ -40,7 +41,6 @@ class TopKParams(DeviceParams):
 class TopKMasker:
     def __init__(self, params: TopKParams) -> None:
         self.params = params
-        self._pool = BufferPool()  # per-thread buffers of the shared pass's folds
 
     def build_mask(self, adapters: Sequence[LoraAdapter]) -> Mask:
         modules = common_modules(list(adapters))
@@ -65,20 +65,14 @@ class TopKMasker:
         return Mask(indices, shapes)
 
     # -- the core's shared pass over ΔW (FoldingMasker): the same mask, ΔW formed once with the statistics
-    def fold_modules(self, adapters: Sequence[LoraAdapter]) -> list[str] | None:
-        """The mask's modules (``None`` on a GPU: :meth:`build_mask` forms whole modules there instead)."""
+    def fold_plan(self, adapters: Sequence[LoraAdapter]) -> TopKPlan | None:
+        """The shared pass's plan (``None`` on a GPU: :meth:`build_mask` forms whole modules there instead)."""
         if self.params.torch_device().type != "cpu":
             return None
         modules = common_modules(list(adapters))
         if not modules:
             raise ValueError("the dictionary adapters share no module")
-        return modules
-
-    def module_fold(self, adapters: Sequence[LoraAdapter], module: str) -> TopKFold:
-        modules = common_modules(list(adapters))
-        per_module = max(1, self.params.budget // len(modules))
-        shape = adapters[0].modules[module].shape
-        return TopKFold(shape, min(per_module, shape[0] * shape[1]), self.params.aggregate, len(adapters), self._pool)
+        return TopKPlan(list(adapters), modules, max(1, self.params.budget // len(modules)), self.params.aggregate)
 
     def aggregate(self, adapters: Sequence[LoraAdapter], module: str, pool: BufferPool | None = None) -> torch.Tensor:
         """|ΔW| aggregated over adapters, formed block of rows by block of rows.
@@ -148,16 +142,31 @@ class TopKMasker:
         return acc
 
 
+@dataclass(frozen=True)
+class TopKPlan:
+    """The top-k masker's share of one shared pass (see :class:`unmerge_core.FoldPlan`)."""
+
+    adapters: list[LoraAdapter]
+    modules: list[str]
+    per_module: int
+    aggregate: str
+
+    def fold(self, module: str, pool: BufferPool) -> TopKFold:
+        shape = self.adapters[0].modules[module].shape
+        return TopKFold(shape, min(self.per_module, shape[0] * shape[1]), self.aggregate, len(self.adapters), pool)
+
+
 class TopKFold:
     """One module's top-k of the aggregated ``|ΔW|``, from row blocks (see :class:`unmerge_core.ModuleFold`).
 
     ``add`` folds each adapter's block into the module's aggregate exactly as
     :meth:`TopKMasker.aggregate` does (same operations, same order, so the same float32 numbers).
-    ``candidates`` keeps the entries of finished rows that can still be in the top k: those at or
-    above a lower bound of the k-th largest value (the k-th largest of the candidates kept so far, or
-    of the rows themselves before there are k). ``select`` is the top k among the candidates: the
-    set :func:`~unmerge_plugins.lib.selection.topk_flat_indices` gives on the whole aggregate (up to
-    the order among entries tied exactly at the k-th value, which ``torch.topk`` leaves open too).
+    ``candidates`` keeps the entries of finished rows that can still be in the top k: above the k-th
+    largest of the (exactly k) candidates kept so far, or the rows' own top k before there are k.
+    ``select`` is the top k among the candidates. Ties at the k-th value are broken by the lowest
+    flat index everywhere (:func:`~unmerge_plugins.lib.selection.top_k_positions`), so the set is
+    the one :func:`~unmerge_plugins.lib.selection.topk_flat_indices` gives on the whole aggregate, tied
+    or not, and a module of equal values (all zero) keeps k candidates, not all of them.
     """
 
     def __init__(self, shape: tuple[int, int], k: int, aggregate: str, adapters: int, pool: BufferPool) -> None:
@@ -188,10 +197,13 @@ class TopKFold:
             flat.div_(self.adapters)
         elif self.how == "l2":
             flat.sqrt_()
-        floor = self.bound
-        if floor is None and flat.numel() > self.k:  # below the rows' own k-th value nothing can be in the top k
-            floor = torch.topk(flat, self.k, sorted=False).values.min()
-        chosen = torch.arange(flat.numel()) if floor is None else torch.nonzero(flat >= floor).reshape(-1)
+        if self.bound is not None:
+            # an entry equal to the bound comes after the tied ones kept (higher index): it never wins
+            chosen = torch.nonzero(flat > self.bound).reshape(-1)
+        elif flat.numel() > self.k:  # before there are k candidates: the rows' own top k
+            chosen = top_k_positions(flat, self.k)
+        else:
+            chosen = torch.arange(flat.numel())
         indices = chosen + start * self.shape[1]
         self.values.append(flat[chosen])
         self.indices.append(indices)
@@ -202,16 +214,14 @@ class TopKFold:
 
     def _prune(self) -> None:
         values, indices = torch.cat(self.values), torch.cat(self.indices)
-        kth = torch.topk(values, self.k, sorted=False).values.min()
-        keep = values >= kth  # ties with the k-th value stay candidates
+        keep = top_k_positions(values, self.k)  # exactly k, ties by lowest index: bounded however many tie
         self.values, self.indices = [values[keep]], [indices[keep]]
-        self.size = int(keep.sum())
-        self.bound = kth
+        self.size = int(keep.numel())
+        self.bound = self.values[0].min()
 
     def select(self) -> np.ndarray:
         values, indices = torch.cat(self.values), torch.cat(self.indices)
-        best = torch.topk(values, min(self.k, int(values.numel())), sorted=False).indices
-        return np.sort(indices[best].numpy().astype(np.int64))
+        return indices[top_k_positions(values, self.k)].numpy().astype(np.int64)
 
 
 def _numel(adapter: LoraAdapter, module: str) -> int:
