@@ -1,8 +1,12 @@
 """``topk``: the seeds' mask — aggregate |ΔW| over the dictionary, keep the top-k per module.
 
-Streaming: modules are processed one per worker thread (:func:`unmerge_core.thread_map`),
-each adapter's ΔW formed block of rows by block of rows into a reused buffer, so memory is one dense
-module per thread whatever the number of layers or adapters; the top-k selection is exact (:func:`unmerge_plugins.lib.selection.topk_flat_indices`).
+Streaming: modules are processed one per worker thread (:func:`unmerge_core.thread_map`); for each
+block of 64 rows every adapter's ΔW rows are formed into a reused buffer and folded into the
+aggregate of those rows, whose entries that can still be in the module's top k are kept
+(:class:`TopKFold`), so memory is one block of rows per thread whatever the module, layer or adapter
+count. The selection is exact, ties at the k-th value broken by the lowest flat index; the core's
+shared pass (:mod:`unmerge_core.pipeline.delta_pass`) runs the same folds on the blocks it forms for
+the merge statistics.
 
 ``device = "cuda"`` (or ``"auto"`` on a machine with CUDA): each adapter's factors go to the GPU and
 its whole ΔW module is formed and folded there, and the top-k is taken there; only the indices come
@@ -24,6 +28,7 @@ from unmerge_core import (
     BufferPool,
     DeviceParams,
     LoraAdapter,
+    LowRankDelta,
     Mask,
     PluginSpec,
     Stage,
@@ -43,32 +48,29 @@ class TopKMasker:
         self.params = params
 
     def build_mask(self, adapters: Sequence[LoraAdapter]) -> Mask:
-        modules = common_modules(list(adapters))
-        if not modules:
-            raise ValueError("the dictionary adapters share no module")
-        per_module = max(1, self.params.budget // len(modules))
+        plan = self._plan(adapters)
         pool = BufferPool()
         device = self.params.torch_device()
 
         def select(module: str) -> np.ndarray:
-            if device.type == "cpu":
-                score = self.aggregate(adapters, module, pool)
-            else:
-                score = self.aggregate_on(adapters, module, device)
-            return topk_flat_indices(score, min(per_module, score.numel()))
+            if device.type != "cpu":
+                score = self.aggregate_on(plan.adapters, module, device)
+                return topk_flat_indices(score, min(plan.per_module, score.numel()))
+            return fold_module(plan, module, pool)
 
-        # one module per worker thread; each thread reuses its buffers (one dense module + one block)
-        order = sorted(modules, key=lambda m: -_numel(adapters[0], m))
+        # one module per worker thread; each thread reuses its buffers (one block of rows per module)
+        order = sorted(plan.modules, key=lambda m: -_numel(plan.adapters[0], m))
         chosen = dict(zip(order, thread_map(select, order)))
-        indices = {m: chosen[m] for m in modules}
-        shapes = {m: adapters[0].modules[m].shape for m in modules}
-        return Mask(indices, shapes)
+        return Mask({m: chosen[m] for m in plan.modules}, {m: plan.adapters[0].modules[m].shape for m in plan.modules})
 
     # -- the core's shared pass over ΔW (FoldingMasker): the same mask, ΔW formed once with the statistics
     def fold_plan(self, adapters: Sequence[LoraAdapter]) -> TopKPlan | None:
         """The shared pass's plan (``None`` on a GPU: :meth:`build_mask` forms whole modules there instead)."""
         if self.params.torch_device().type != "cpu":
             return None
+        return self._plan(adapters)
+
+    def _plan(self, adapters: Sequence[LoraAdapter]) -> TopKPlan:
         modules = common_modules(list(adapters))
         if not modules:
             raise ValueError("the dictionary adapters share no module")
@@ -159,8 +161,9 @@ class TopKPlan:
 class TopKFold:
     """One module's top-k of the aggregated ``|ΔW|``, from row blocks (see :class:`unmerge_core.ModuleFold`).
 
-    ``add`` folds each adapter's block into the module's aggregate exactly as
-    :meth:`TopKMasker.aggregate` does (same operations, same order, so the same float32 numbers).
+    ``add`` folds each adapter's block into the aggregate of those rows exactly as
+    :meth:`TopKMasker.aggregate` does (same operations, same order, so the same float32 numbers); only
+    one block of rows is held: rows arrive block by block, every adapter's before ``candidates``.
     ``candidates`` keeps the entries of finished rows that can still be in the top k: above the k-th
     largest of the (exactly k) candidates kept so far, or the rows' own top k before there are k.
     ``select`` is the top k among the candidates. Ties at the k-th value are broken by the lowest
@@ -171,15 +174,19 @@ class TopKFold:
 
     def __init__(self, shape: tuple[int, int], k: int, aggregate: str, adapters: int, pool: BufferPool) -> None:
         self.shape, self.k, self.how, self.adapters = shape, k, aggregate, adapters
-        self.acc = pool.get(shape, "acc")
-        self.part = pool.get((min(BLOCK_ROWS, shape[0]), shape[1]), "fold")
+        rows = min(BLOCK_ROWS, shape[0])  # one block of rows: rows are final once every adapter added them
+        self.acc = pool.get((rows, shape[1]), "fold-acc")
+        self.part = pool.get((rows, shape[1]), "fold")
         self.bound: torch.Tensor | None = None
         self.values: list[torch.Tensor] = []
         self.indices: list[torch.Tensor] = []
         self.size = 0
 
     def add(self, adapter: int, start: int, block: torch.Tensor) -> None:
-        rows = self.acc[start:start + block.shape[0]]
+        if block.shape[0] > self.acc.shape[0]:  # blocks larger than BLOCK_ROWS: grow the buffers
+            self.acc = torch.empty((block.shape[0], self.shape[1]))
+            self.part = torch.empty_like(self.acc)
+        rows = self.acc[: block.shape[0]]
         part = rows if adapter == 0 else self.part[: block.shape[0]]
         torch.abs(block, out=part)
         if self.how == "l2":
@@ -192,7 +199,7 @@ class TopKFold:
             rows.add_(part)
 
     def candidates(self, start: int, stop: int) -> np.ndarray:
-        flat = self.acc[start:stop].reshape(-1)
+        flat = self.acc[: stop - start].reshape(-1)
         if self.how == "mean":
             flat.div_(self.adapters)
         elif self.how == "l2":
@@ -222,6 +229,28 @@ class TopKFold:
     def select(self) -> np.ndarray:
         values, indices = torch.cat(self.values), torch.cat(self.indices)
         return indices[top_k_positions(values, self.k)].numpy().astype(np.int64)
+
+
+def fold_module(plan: TopKPlan, module: str, pool: BufferPool) -> np.ndarray:
+    """One module's mask on the CPU: each adapter's rows formed block by block into one reused
+    buffer and folded (what the shared pass does, without the statistics), so memory is one block
+    of rows, not a dense module, per thread."""
+    fold = plan.fold(module, pool)
+    n_out, n_in = plan.adapters[0].modules[module].shape
+    rows = min(BLOCK_ROWS, n_out)
+    buffer = pool.get((rows, n_in), "block")
+    deltas = []
+    for adapter in plan.adapters:
+        a, b = adapter.factors(module)
+        deltas.append(LowRankDelta(a, b, adapter.scale(module)))
+    for start in range(0, n_out, rows):
+        stop = min(start + rows, n_out)
+        block = buffer[: stop - start]
+        for i, delta in enumerate(deltas):
+            delta.form_rows(start, stop, block)
+            fold.add(i, start, block)
+        fold.candidates(start, stop)
+    return fold.select()
 
 
 def _numel(adapter: LoraAdapter, module: str) -> int:

@@ -29,6 +29,15 @@ def dictionary(tmp_path, n: int = 4, modules=MODULES, rank: int = 4) -> list[Lor
     return [LoraAdapter(write_lora(tmp_path / f"a{i}", modules, rank=rank, seed=i), f"a{i}") for i in range(n)]
 
 
+def reference_indices(masker: TopKMasker, adapters, module: str) -> np.ndarray:
+    """The mask of one module the direct way: the whole aggregate, then the exact top k."""
+    from unmerge_plugins.lib.selection import topk_flat_indices
+
+    plan = masker.fold_plan(adapters)
+    score = masker.aggregate(adapters, module).clone()
+    return topk_flat_indices(score, min(plan.per_module, score.numel()))
+
+
 def test_builtins_implement_the_shared_pass() -> None:
     assert isinstance(TopKMasker(TopKParams()), FoldingMasker)
     assert isinstance(MergekitMerger(MergekitParams()), StreamingStatisticsMerger)
@@ -44,6 +53,7 @@ def test_shared_mask_equals_build_mask(tmp_path, aggregate, budget) -> None:
     assert list(got.indices) == list(expected.indices) and dict(got.shapes) == dict(expected.shapes)
     for module in expected.indices:
         np.testing.assert_array_equal(got.indices[module], expected.indices[module])
+        np.testing.assert_array_equal(expected.indices[module], reference_indices(masker, adapters, module))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -59,6 +69,7 @@ def test_shared_mask_equals_build_mask_on_any_shape(tmp_path_factory, rows, cols
     got = shared_pass(masker, "topk", adapters, []).mask
     for module in modules:
         np.testing.assert_array_equal(got.indices[module], expected.indices[module])
+        np.testing.assert_array_equal(expected.indices[module], reference_indices(masker, adapters, module))
 
 
 @pytest.mark.parametrize("density", [0.05, 0.5, 0.97, 1.0])
@@ -195,6 +206,7 @@ def test_ties_are_broken_the_same_way_by_both_routes(tmp_path, budget) -> None:
     expected = masker.build_mask(adapters).indices["model.layers.0.q"]
     got = shared_pass(masker, "topk", adapters, []).mask.indices["model.layers.0.q"]
     np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(expected, reference_indices(masker, adapters, "model.layers.0.q"))
     score = np.abs(np.repeat([[1.0 + (i % 2)] for i in range(96)], 10, axis=1)).reshape(-1)
     kth = np.sort(score)[::-1][len(expected) - 1]
     tied = np.flatnonzero(score == kth)
@@ -225,8 +237,10 @@ def test_discrete_factors_give_one_mask(tmp_path_factory, values, rows, budget, 
         adapters.append(LoraAdapter(d, d.name))
     for aggregate in ("max", "mean", "l2"):
         masker = TopKMasker(TopKParams(budget=budget, aggregate=aggregate))
+        expected = reference_indices(masker, adapters, "model.layers.0.q")
         np.testing.assert_array_equal(shared_pass(masker, "topk", adapters, []).mask.indices["model.layers.0.q"],
-                                      masker.build_mask(adapters).indices["model.layers.0.q"])
+                                      expected)
+        np.testing.assert_array_equal(masker.build_mask(adapters).indices["model.layers.0.q"], expected)
 
 
 def test_the_bits_do_not_depend_on_the_number_of_workers(tmp_path) -> None:
