@@ -260,7 +260,7 @@ def split_named(value: str, option: str, *, required: bool) -> tuple[str | None,
     """``NAME=VALUE`` -> ``(NAME, VALUE)``; a bare value -> ``(None, value)`` unless ``required``."""
     if "=" in value:
         name, rest = value.split("=", 1)
-        if _NAME_RE.match(name) and not Path(value).exists():
+        if _NAME_RE.fullmatch(name) and not Path(value).exists():
             return name, rest
     if required:
         raise UnmergeError(f"{option} {value}: expected NAME=PATH")

@@ -58,11 +58,17 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "", plugin: A
             msg = f"unknown field{allowed}"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
             msg = f"{msg} (got {short_repr(err['input'])})"
-        lines.append(f"{path or '(top level)'}: {msg}")
+        lines.append(f"{path or '(top level)'}: {_one_line(msg)}")
     return "\n".join(dict.fromkeys(lines))
 
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+def _one_line(text: str) -> str:
+    """A message with its line breaks and other control characters escaped: a user's value quoted in
+    it (a duplicated task name with a newline, say) can never split one error over two lines."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -71,7 +77,7 @@ def _location(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and _PLAIN_KEY.match(part):
+        elif isinstance(part, str) and _PLAIN_KEY.fullmatch(part):  # not match: "$" allows a final newline
             out += f".{part}" if out else part
         else:
             out += f"[{short_repr(part, 30)}]"

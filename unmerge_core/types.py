@@ -100,7 +100,7 @@ class PluginSpec:
     wraps: bool = False
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
+        if not _NAME_RE.fullmatch(self.name):
             raise ValueError(f"plugin name {self.name!r} must match {_NAME_RE.pattern}")
         object.__setattr__(self, "stage", Stage(self.stage))
         object.__setattr__(self, "requires", tuple(Capability(c) for c in self.requires))

@@ -311,3 +311,33 @@ def test_damaged_adapter_weights_read_or_fail_in_one_line(tmp_path_factory, data
         read_whole(path)
     except UnmergeError as exc:
         assert "\n" not in str(exc) and str(path) in str(exc), str(exc)
+
+
+# -- what the fuzzing found (each failed before its fix) ----------------------------------------------
+
+NEWLINE_CASES = {
+    "a per-method mergekit key": lambda t: t["merger"][0].setdefault("params", {}).setdefault(
+        "methods", {}).__setitem__("nearswap", {"t": 0.5, "bad\nkey": 1}),
+    "a duplicated task name": lambda t: t["tasks"].__setitem__("known", [*t["tasks"]["known"], "x\n", "x\n"]),
+    "an unknown top-level key": lambda t: t.__setitem__("0\n", 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEWLINE_CASES))
+def test_a_newline_in_a_users_key_or_value_never_splits_an_error(case: str) -> None:
+    path = REPO / "experiments" / "merge-methods.toml"
+    tree = copy.deepcopy(shipped()["merge-methods.toml"])
+    NEWLINE_CASES[case](tree)
+    with pytest.raises(UnmergeError) as info:
+        manifest_from_data(tree, path, MANAGER)
+    check_error(info.value, path)
+
+
+def test_names_and_hub_ids_with_a_final_newline_are_not_names() -> None:
+    """A regex ending in "$" accepts a final newline with re.match."""
+    from unmerge_core import PluginParams, PluginSpec, Stage
+    from unmerge_core.io.hub import parse_hub_ref
+
+    assert parse_hub_ref("owner/name\n") is None and parse_hub_ref("owner/name") is not None
+    with pytest.raises(ValueError, match="plugin name"):
+        PluginSpec("bad\n", Stage.METRIC, "x", "https://example.org", PluginParams, object)

@@ -250,13 +250,25 @@ def test_inf_in_an_adapter_is_named(tmp_path, bad: float) -> None:
 
 
 def test_huge_finite_factors_are_not_mistaken_for_inf(tmp_path) -> None:
-    """The finite check sums in float64: float32 values near the maximum are not an overflow."""
+    """The finite check sums in float64: float32 values near the maximum are not an overflow (the
+    float32 sum of A would be inf; ΔW = B·A stays small because B is tiny)."""
     path = write_lora(tmp_path / "a", MODULES, rank=4)
-    tensors = {f"base_model.model.{m}.lora_{ab}.weight": torch.full(s, 3e38) for m, (o, i) in MODULES.items()
-               for ab, s in (("A", (4, i)), ("B", (o, 4)))}
+    tensors = {f"base_model.model.{m}.lora_{ab}.weight": torch.full(s, 3e38 if ab == "A" else 1e-39)
+               for m, (o, i) in MODULES.items() for ab, s in (("A", (4, i)), ("B", (o, 4)))}
     save_file(tensors, str(path / "adapter_model.safetensors"))
     a, b = LoraAdapter(path).factors("model.layers.0.q")
     assert float(a.max()) == pytest.approx(3e38, rel=1e-6) and b.shape[1] == 4
+
+
+def test_factors_whose_product_can_overflow_are_refused(tmp_path) -> None:
+    """Finite factors of 1e20 make ΔW inf (and inf − inf = NaN at large ranks): the top-k mask then
+    silently dropped a module's largest entries."""
+    path = write_lora(tmp_path / "a", MODULES, rank=4)
+    tensors = {f"base_model.model.{m}.lora_{ab}.weight": torch.full(s, 1e20) for m, (o, i) in MODULES.items()
+               for ab, s in (("A", (4, i)), ("B", (o, 4)))}
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    message = one_line_error(LoraAdapter(path).factors, "model.layers.0.q")
+    assert "can overflow float32" in message and "model.layers.0.q" in message and str(path) in message
 
 
 # --------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ class ExternalTarget(BaseModel):
     def display_name(self) -> str:
         if self.name:
             return self.name
-        return Path(self.path.split("@", 1)[0] if HUB_ID.match(self.path) else self.path).name
+        return Path(self.path.split("@", 1)[0] if HUB_ID.fullmatch(self.path) else self.path).name
 
 
 @dataclass(frozen=True)

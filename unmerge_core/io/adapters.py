@@ -216,6 +216,14 @@ class LoraAdapter:
             raise UnmergeError(f"{self.weights_path}: cannot read module {module} ({_first_line(exc)})") from None
         if not (_all_finite(a) and _all_finite(b)):
             raise UnmergeError(f"{self.weights_path}: module {module} holds NaN or inf")
+        # |ΔW_ij| ≤ r · max|B| · max|A| · |scale|: above float32's range a product could overflow to
+        # inf (or inf − inf = NaN) and every stage downstream would rank garbage
+        bound = (float(torch.linalg.vector_norm(a, math.inf)) * float(torch.linalg.vector_norm(b, math.inf))
+                 * a.shape[0] * max(1.0, abs(self.scale(module))))
+        if bound > FLOAT32_MAX:
+            raise UnmergeError(f"{self.weights_path}: module {module}: its ΔW can overflow float32 (rank × max |B| × "
+                               f"max |A| × scale = {bound:.3g} > {FLOAT32_MAX:.3g}): these are not a trained "
+                               "adapter's factors")
         if self.fan_in_fan_out:
             return b.T.contiguous(), a.T.contiguous()
         return a, b
@@ -259,6 +267,9 @@ class LoraAdapter:
             return self.modules[module]
         except KeyError:
             raise UnmergeError(f"{self.path}: adapter has no module {module}") from None
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _all_finite(values: torch.Tensor) -> bool:

@@ -67,7 +67,7 @@ def parse_hub_ref(value: str, relative_to: Path | None = None) -> HubRef | None:
         candidate = relative_to / candidate
     if candidate.exists() or value.startswith(("/", ".", "~")):
         return None
-    match = HUB_ID.match(value)
+    match = HUB_ID.fullmatch(value)  # not match: "$" would accept a final newline
     if match is None:
         return None
     return HubRef(match["repo"], match["revision"])

@@ -235,6 +235,8 @@ def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros(0, dtype=torch.int64, device=values.device)
     kth = torch.topk(values, k, sorted=False).values.min()
+    if torch.isnan(kth):  # torch.topk ranks NaN first, and no comparison with NaN holds
+        raise ValueError("the scores hold NaN (a ΔW that overflowed float32?): no top k can be taken")
     above = torch.nonzero(values > kth).reshape(-1)
     tied = torch.nonzero(values == kth).reshape(-1)[: k - int(above.numel())]
     return torch.sort(torch.cat([above, tied])).values

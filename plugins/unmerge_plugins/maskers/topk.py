@@ -169,7 +169,11 @@ class TopKFold:
     ``select`` is the top k among the candidates. Ties at the k-th value are broken by the lowest
     flat index everywhere (:func:`~unmerge_plugins.lib.selection.top_k_positions`), so the set is
     the one :func:`~unmerge_plugins.lib.selection.topk_flat_indices` gives on the whole aggregate, tied
-    or not, and a module of equal values (all zero) keeps k candidates, not all of them.
+    or not, and a module of equal values (all zero) keeps k candidates, not all of them. Memory is
+    one block of rows plus at most 2k candidates (a float32 value and an int32 index each). A k of
+    at least an eighth of the module (a budget far above the usual 892 of 12.8M) keeps the module's
+    whole aggregate instead, offers every entry and selects at the end (less memory than that many
+    candidates); a k covering the whole module keeps nothing: every entry is chosen.
     """
 
     def __init__(self, shape: tuple[int, int], k: int, aggregate: str, adapters: int, pool: BufferPool) -> None:
@@ -181,8 +185,14 @@ class TopKFold:
         self.values: list[torch.Tensor] = []
         self.indices: list[torch.Tensor] = []
         self.size = 0
+        numel = shape[0] * shape[1]
+        self.everything = k >= numel  # the whole module is the mask: nothing to select
+        self.whole = None if self.everything or k < numel // 8 else pool.get(shape, "fold-whole")
+        self.index_dtype = torch.int32 if numel < 2**31 else torch.int64
 
     def add(self, adapter: int, start: int, block: torch.Tensor) -> None:
+        if self.everything:
+            return
         if block.shape[0] > self.acc.shape[0]:  # blocks larger than BLOCK_ROWS: grow the buffers
             self.acc = torch.empty((block.shape[0], self.shape[1]))
             self.part = torch.empty_like(self.acc)
@@ -199,11 +209,16 @@ class TopKFold:
             rows.add_(part)
 
     def candidates(self, start: int, stop: int) -> np.ndarray:
+        if self.everything:
+            return np.arange(start * self.shape[1], stop * self.shape[1], dtype=np.int64)
         flat = self.acc[: stop - start].reshape(-1)
         if self.how == "mean":
             flat.div_(self.adapters)
         elif self.how == "l2":
             flat.sqrt_()
+        if self.whole is not None:  # a large k: keep the rows, select at the end
+            self.whole[start:stop].copy_(self.acc[: stop - start])
+            return np.arange(start * self.shape[1], stop * self.shape[1], dtype=np.int64)
         if self.bound is not None:
             # an entry equal to the bound comes after the tied ones kept (higher index): it never wins
             chosen = torch.nonzero(flat > self.bound).reshape(-1)
@@ -211,13 +226,13 @@ class TopKFold:
             chosen = top_k_positions(flat, self.k)
         else:
             chosen = torch.arange(flat.numel())
-        indices = chosen + start * self.shape[1]
+        indices = chosen.to(self.index_dtype) + start * self.shape[1]
         self.values.append(flat[chosen])
         self.indices.append(indices)
         self.size += int(chosen.numel())
-        if self.size >= self.k and (self.bound is None or self.size > 4 * self.k):
+        if self.size >= self.k and (self.bound is None or self.size > 2 * self.k):
             self._prune()
-        return indices.numpy().astype(np.int64, copy=False)
+        return indices.numpy().astype(np.int64)
 
     def _prune(self) -> None:
         values, indices = torch.cat(self.values), torch.cat(self.indices)
@@ -227,6 +242,10 @@ class TopKFold:
         self.bound = self.values[0].min()
 
     def select(self) -> np.ndarray:
+        if self.everything:
+            return np.arange(self.shape[0] * self.shape[1], dtype=np.int64)
+        if self.whole is not None:
+            return topk_flat_indices(self.whole, self.k)
         values, indices = torch.cat(self.values), torch.cat(self.indices)
         return indices[top_k_positions(values, self.k)].numpy().astype(np.int64)
 

@@ -31,6 +31,7 @@ validated.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -59,10 +60,14 @@ METHODS: tuple[str, ...] = tuple(METHOD_FACTS)
 
 
 def _first_error(exc: ValidationError) -> str:
+    """The first error of a per-method parameter model, on one line (odd keys quoted, e.g. a newline)."""
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    message = str(err["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(p) if _PLAIN_KEY.fullmatch(str(p)) else repr(str(p)) for p in err["loc"])
+    message = " ".join(str(err["msg"]).removeprefix("Value error, ").split())
     return f"{where}: {message}" if where else message
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class MergekitParams(DeviceParams):

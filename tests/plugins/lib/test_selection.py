@@ -95,3 +95,15 @@ def test_topk_flat_indices_equals_torch_topk(shape: tuple[int, int], k: int) -> 
     got = topk_flat_indices(score, k)
     assert got.dtype == np.int64
     assert np.array_equal(got, expected)
+
+
+def test_nan_scores_are_refused_not_ranked() -> None:
+    """torch.topk ranks NaN first and no comparison with NaN holds: the top k came out empty."""
+    from unmerge_plugins.lib.selection import top_k_positions
+
+    scores = torch.arange(20, dtype=torch.float32)
+    scores[7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        top_k_positions(scores, 5)
+    with pytest.raises(ValueError, match="NaN"):
+        topk_flat_indices(scores.reshape(4, 5), 3)
