@@ -21,6 +21,7 @@ from unmerge_core.io.store import (
     safe_filename,
     temp_prefix,
 )
+from unmerge_core.pipeline.delta_pass import shared_pass
 from unmerge_core.pipeline.parallel import BufferPool, blas_threads, thread_map, torch_threads
 from unmerge_core.types import (
     BaseWeightMerger,
@@ -113,6 +114,7 @@ __all__ = [
     "resolve_model_ref",
     "resolve_device",
     "safe_filename",
+    "shared_pass",
     "temp_prefix",
     "thread_map",
     "torch_threads",

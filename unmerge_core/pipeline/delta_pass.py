@@ -80,7 +80,9 @@ def shared_pass(masker: Any, masker_label: str, adapters: Sequence[LoraAdapter],
                 streams.append(request.merger.statistics_stream(deltas[request.adapter], module))
         keeping = [i for i in range(len(adapters)) if any(streams[r] is not None for r in by_adapter.get(i, ()))]
         rows = min(BLOCK_ROWS, n_out)
-        blocks = [pool.get((rows, n_in), f"pass-{i}") for i in range(len(adapters))]
+        # an adapter whose values are kept needs its block until the rows' candidates are known;
+        # the others share one buffer
+        blocks = [pool.get((rows, n_in), f"pass-{i}" if i in keeping else "pass") for i in range(len(adapters))]
         offered: list[np.ndarray] = []
         kept: dict[int, list[np.ndarray]] = {i: [] for i in keeping}
         for start in range(0, n_out, rows):

@@ -4,9 +4,9 @@ Streaming: modules are processed one per worker thread (:func:`unmerge_core.thre
 block of 64 rows every adapter's ΔW rows are formed into a reused buffer and folded into the
 aggregate of those rows, whose entries that can still be in the module's top k are kept
 (:class:`TopKFold`), so memory is one block of rows per thread whatever the module, layer or adapter
-count. The selection is exact, ties at the k-th value broken by the lowest flat index; the core's
-shared pass (:mod:`unmerge_core.pipeline.delta_pass`) runs the same folds on the blocks it forms for
-the merge statistics.
+count. The selection is exact, ties at the k-th value broken by the lowest flat index. The blocks are
+formed by the core's pass over ΔW (:func:`unmerge_core.shared_pass`): on its own for ``build_mask``,
+or shared with the merge statistics when a run needs them.
 
 ``device = "cuda"`` (or ``"auto"`` on a machine with CUDA): each adapter's factors go to the GPU and
 its whole ΔW module is formed and folded there, and the top-k is taken there; only the indices come
@@ -28,11 +28,11 @@ from unmerge_core import (
     BufferPool,
     DeviceParams,
     LoraAdapter,
-    LowRankDelta,
     Mask,
     PluginSpec,
     Stage,
     common_modules,
+    shared_pass,
     thread_map,
 )
 from unmerge_plugins.lib.selection import top_k_positions, topk_flat_indices
@@ -48,19 +48,18 @@ class TopKMasker:
         self.params = params
 
     def build_mask(self, adapters: Sequence[LoraAdapter]) -> Mask:
-        plan = self._plan(adapters)
-        pool = BufferPool()
         device = self.params.torch_device()
+        if device.type == "cpu":  # the core's pass over ΔW with this masker's folds and no statistics
+            result = shared_pass(self, SPEC.name, adapters, [])
+            assert result is not None
+            return result.mask
+        plan = self._plan(adapters)
 
         def select(module: str) -> np.ndarray:
-            if device.type != "cpu":
-                score = self.aggregate_on(plan.adapters, module, device)
-                return topk_flat_indices(score, min(plan.per_module, score.numel()))
-            return fold_module(plan, module, pool)
+            score = self.aggregate_on(plan.adapters, module, device)
+            return topk_flat_indices(score, min(plan.per_module, score.numel()))
 
-        # one module per worker thread; each thread reuses its buffers (one block of rows per module)
-        order = sorted(plan.modules, key=lambda m: -_numel(plan.adapters[0], m))
-        chosen = dict(zip(order, thread_map(select, order)))
+        chosen = dict(zip(plan.modules, thread_map(select, plan.modules)))
         return Mask({m: chosen[m] for m in plan.modules}, {m: plan.adapters[0].modules[m].shape for m in plan.modules})
 
     # -- the core's shared pass over ΔW (FoldingMasker): the same mask, ΔW formed once with the statistics
@@ -248,33 +247,6 @@ class TopKFold:
             return topk_flat_indices(self.whole, self.k)
         values, indices = torch.cat(self.values), torch.cat(self.indices)
         return indices[top_k_positions(values, self.k)].numpy().astype(np.int64)
-
-
-def fold_module(plan: TopKPlan, module: str, pool: BufferPool) -> np.ndarray:
-    """One module's mask on the CPU: each adapter's rows formed block by block into one reused
-    buffer and folded (what the shared pass does, without the statistics), so memory is one block
-    of rows, not a dense module, per thread."""
-    fold = plan.fold(module, pool)
-    n_out, n_in = plan.adapters[0].modules[module].shape
-    rows = min(BLOCK_ROWS, n_out)
-    buffer = pool.get((rows, n_in), "block")
-    deltas = []
-    for adapter in plan.adapters:
-        a, b = adapter.factors(module)
-        deltas.append(LowRankDelta(a, b, adapter.scale(module)))
-    for start in range(0, n_out, rows):
-        stop = min(start + rows, n_out)
-        block = buffer[: stop - start]
-        for i, delta in enumerate(deltas):
-            delta.form_rows(start, stop, block)
-            fold.add(i, start, block)
-        fold.candidates(start, stop)
-    return fold.select()
-
-
-def _numel(adapter: LoraAdapter, module: str) -> int:
-    out_features, in_features = adapter.modules[module].shape
-    return out_features * in_features
 
 
 SPEC = PluginSpec("topk", Stage.MASKER, "Top-k coordinates per module of max/mean/l2 |ΔW| over the dictionary",
