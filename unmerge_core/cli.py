@@ -319,6 +319,10 @@ def request_from_args(args: Any) -> AttributeRequest:
     if args.aggregate is not None:
         masker_params["aggregate"] = args.aggregate
     if args.device is not None:
+        from unmerge_core.devices import cuda_available, no_cuda_message
+
+        if args.device == "cuda" and not cuda_available():
+            raise UnmergeError(f"--device cuda: {no_cuda_message()}")
         masker_params["device"] = args.device
     params: dict[str, dict[str, Any]] = {"masker": masker_params}
     for n in [*decomposer_names, *metric_names]:
