@@ -9,7 +9,9 @@ one module never loads the others: memory stays at one module whatever the model
 from __future__ import annotations
 
 import math
+import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from safetensors import safe_open
 
 from unmerge_core.errors import UnmergeError, format_validation_error, read_json
+from unmerge_core.io.checkpoints import TensorEntry, read_entry, safetensors_entries
 from unmerge_core.io.lowrank import LowRankDelta
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -137,6 +140,19 @@ class LoraAdapter:
         self.weights_path = weights_path
         self.fan_in_fan_out = self.settings.fan_in_fan_out
         self.modules = self._index()
+        # the byte ranges of the factors, read from the header again if the file is replaced
+        self._entries: dict[str, TensorEntry] = {}
+        self._entries_identity: tuple[int, int, int] | None = None
+        self._entries_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # a lock does not cross processes
+        state = self.__dict__.copy()
+        state["_entries_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._entries_lock = threading.Lock()
 
     # -- structure ---------------------------------------------------------------------------------
     def _index(self) -> dict[str, LoraModule]:
@@ -209,23 +225,43 @@ class LoraAdapter:
         has the base weight's layout (for ``fan_in_fan_out`` adapters that is ``Aᵀ · Bᵀ``)."""
         info = self._module(module)
         try:
-            with safe_open(self.weights_path, framework="pt") as fh:
-                a = fh.get_tensor(info.key_a).to(torch.float32)
-                b = fh.get_tensor(info.key_b).to(torch.float32)
+            a, b = self._read_factors(info)
         except Exception as exc:  # noqa: BLE001 - a file truncated or changed since it was indexed
             raise UnmergeError(f"{self.weights_path}: cannot read module {module} ({_first_line(exc)})") from None
-        if not (_all_finite(a) and _all_finite(b)):
+        largest_a, largest_b = _largest_abs(a), _largest_abs(b)
+        if not (math.isfinite(largest_a) and math.isfinite(largest_b)):
             raise UnmergeError(f"{self.weights_path}: module {module} holds NaN or inf")
         # |ΔW_ij| ≤ r · max|B| · max|A| · |scale|: above float32's range a product could overflow to
         # inf (or inf − inf = NaN) and every stage downstream would rank garbage
-        bound = (float(torch.linalg.vector_norm(a, math.inf)) * float(torch.linalg.vector_norm(b, math.inf))
-                 * a.shape[0] * max(1.0, abs(self.scale(module))))
+        bound = largest_a * largest_b * a.shape[0] * max(1.0, abs(self.scale(module)))
         if bound > FLOAT32_MAX:
             raise UnmergeError(f"{self.weights_path}: module {module}: its ΔW can overflow float32 (rank × max |B| × "
                                f"max |A| × scale = {bound:.3g} > {FLOAT32_MAX:.3g}): these are not a trained "
                                "adapter's factors")
         if self.fan_in_fan_out:
             return b.T.contiguous(), a.T.contiguous()
+        return a, b
+
+    def _read_factors(self, info: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_A, lora_B)`` of one module as stored, float32, by two positioned reads.
+
+        The header's byte ranges are parsed once per file version (opening the file with
+        ``safe_open`` per module parsed it every time: most of the cost of a read), and no memory
+        map is kept, so the pages read do not count in the process's memory.
+        """
+        descriptor = os.open(self.weights_path, os.O_RDONLY)
+        try:
+            stat = os.fstat(descriptor)
+            identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            with self._entries_lock:
+                if identity != self._entries_identity:
+                    self._entries, self._entries_identity = safetensors_entries(self.weights_path), identity
+                entries = self._entries
+            a, b = (read_entry(descriptor, entries[key]).to(torch.float32) for key in (info.key_a, info.key_b))
+        finally:
+            os.close(descriptor)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != info.rank or b.shape[1] != info.rank:
+            raise ValueError(f"its factors are now {list(a.shape)} and {list(b.shape)}, not rank {info.rank}")
         return a, b
 
     def delta(self, module: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -272,10 +308,11 @@ class LoraAdapter:
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _all_finite(values: torch.Tensor) -> bool:
-    """Whether every entry is finite: one float64 sum, which NaN and ±inf make non-finite and which
-    float32 values cannot overflow (a third of the cost of ``isfinite(...).all()``)."""
-    return math.isfinite(float(values.sum(dtype=torch.float64)))
+def _largest_abs(values: torch.Tensor) -> float:
+    """``max |value|`` of a non-empty tensor in one pass; NaN when any entry is NaN (``aminmax``
+    propagates it), inf when any is infinite: finite exactly when every entry is."""
+    low, high = (float(v) for v in torch.aminmax(values))
+    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ import os
 import re
 import zipfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ _NUMPY_DTYPES = {"F16": "<f2", "BF16": "<u2", "F32": "<f4", "F64": "<f8"}  # saf
 """How each float dtype's bytes are read by :meth:`Checkpoint.gather` (bf16 as its 16 bits, widened after)."""
 _PAGE = 4096
 _TORCH_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+_FROM_SAFETENSORS = {name: dtype for dtype, name in _TORCH_DTYPES.items()}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -266,21 +268,32 @@ class Checkpoint:
         return raw.astype(np.float64)
 
 
-def safetensors_layout(file: Path) -> dict[str, tuple[int, int]]:
-    """Each tensor's absolute byte range ``(start, end)`` in a safetensors file, from its header
-    (8-byte little-endian header length, then a JSON header with ``data_offsets`` relative to the
-    end of the header)."""
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: absolute byte range, stored dtype (``"F32"`` …) and shape."""
+
+    start: int
+    end: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def safetensors_entries(file: Path) -> dict[str, TensorEntry]:
+    """Every tensor of a safetensors file, from its header (8-byte little-endian header length,
+    then a JSON header with ``data_offsets`` relative to the end of the header)."""
     try:
         with open(file, "rb") as fh:
             length = int.from_bytes(fh.read(8), "little")
             if length <= 0 or length > 100 * 2**20:
                 raise ValueError(f"header length {length}")
             header = json.loads(fh.read(length))
-        size = file.stat().st_size
+            size = os.fstat(fh.fileno()).st_size
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, ValueError) as exc:
         raise UnmergeError(f"{file}: unreadable safetensors header ({_first_line(exc)})") from None
     base = 8 + length
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, TensorEntry] = {}
     for key, info in header.items():
         if key == "__metadata__" or not isinstance(info, dict):
             continue
@@ -288,8 +301,34 @@ def safetensors_layout(file: Path) -> dict[str, tuple[int, int]]:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] and base + offsets[1] <= size):
             raise UnmergeError(f"{file}: tensor {key} has invalid data_offsets {offsets!r} (file is {size} bytes)")
-        out[key] = (base + offsets[0], base + offsets[1])
+        shape = info.get("shape")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise UnmergeError(f"{file}: tensor {key} has an invalid shape {shape!r}")
+        out[key] = TensorEntry(base + offsets[0], base + offsets[1], str(info.get("dtype")), tuple(shape))
     return out
+
+
+def safetensors_layout(file: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's absolute byte range ``(start, end)`` in a safetensors file (see :func:`safetensors_entries`)."""
+    return {key: (entry.start, entry.end) for key, entry in safetensors_entries(file).items()}
+
+
+def read_entry(descriptor: int, entry: TensorEntry) -> torch.Tensor:
+    """One float tensor of an open safetensors file, read with one positioned read into a buffer of
+    its own (no memory map: the pages read are not kept mapped in the process), in its stored dtype."""
+    torch_dtype = _FROM_SAFETENSORS.get(entry.dtype)
+    if torch_dtype is None:
+        raise ValueError(f"dtype {entry.dtype} is not a float type")
+    length = entry.end - entry.start
+    numel = int(np.prod(entry.shape, dtype=np.int64))
+    if length != numel * torch.empty(0, dtype=torch_dtype).element_size():
+        raise ValueError(f"{length} bytes do not hold a {entry.dtype} tensor of shape {list(entry.shape)}")
+    buffer = bytearray(length)
+    if length and os.preadv(descriptor, [buffer], entry.start) != length:
+        raise ValueError("the file ends before the tensor")
+    if not length:
+        return torch.zeros(entry.shape, dtype=torch_dtype)
+    return torch.frombuffer(buffer, dtype=torch_dtype).reshape(entry.shape)
 
 
 def architecture(checkpoint: Checkpoint) -> str | None:

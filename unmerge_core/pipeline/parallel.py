@@ -54,13 +54,14 @@ def torch_threads(n: int) -> Iterator[None]:
 def thread_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> list[R]:
     """``[fn(x) for x in items]`` on ``workers`` threads, results in input order.
 
-    torch runs single-threaded inside (one core per item): the per-module kernels are too small to
-    split, and split kernels spin-wait badly when the cores are shared. With one worker (or one
+    torch, and the BLAS of numpy and SciPy, run single-threaded inside (one core per item): the
+    per-module kernels are too small to split, and split kernels spin-wait badly when the cores are
+    shared. With one worker (or one
     item) it is a plain loop, still with single-threaded torch: either way every product runs on one
     thread, so results do not depend on the number of workers.
     """
     workers = worker_count() if workers is None else max(1, workers)
-    with torch_threads(1):
+    with torch_threads(1), blas_threads(1):
         if workers == 1 or len(items) <= 1:
             return [fn(x) for x in items]
         # each worker sets its own OpenMP thread count too (set_num_threads is per calling thread for

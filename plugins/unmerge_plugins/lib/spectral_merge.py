@@ -208,11 +208,19 @@ class LowRankFrame:
     def gather(self, coef_left: torch.Tensor, values: torch.Tensor, coef_right: torch.Tensor,
                flat_indices: np.ndarray) -> np.ndarray:
         """``(L · coef_left) diag(values) (Rᵀ · coef_right)ᵀ`` at row-major flat indices (float64)."""
-        idx = torch.as_tensor(np.asarray(flat_indices, dtype=np.int64), device=self.left.device)
-        rows, cols = torch.div(idx, self.shape[1], rounding_mode="floor"), idx % self.shape[1]
-        u = self.left[rows] @ coef_left
-        v = self.right[:, cols].T @ coef_right
+        rows, cols = np.divmod(np.asarray(flat_indices, dtype=np.int64), self.shape[1])
+        u = _take(self.left, rows, axis=0) @ coef_left
+        v = _take(self.right, cols, axis=1).T @ coef_right
         return ((u * values) * v).sum(dim=1).cpu().numpy()
+
+
+def _take(x: torch.Tensor, index: np.ndarray, axis: int) -> torch.Tensor:
+    """Rows (``axis=0``) or columns (``axis=1``) of ``x``; numpy's ``take`` on the CPU (several times
+    faster than torch's indexing for a column gather), torch's indexing on other devices."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.take(x.numpy(), index, axis=axis))
+    picked = torch.as_tensor(index, device=x.device)
+    return x[picked] if axis == 0 else x[:, picked]
 
 
 def _inverse_root(gram: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
 from helpers import load_state, merged_full_model, random_adapter, tiny_base
-from unmerge_core.io.adapters import LoraAdapter, common_modules
+
 from unmerge_core.errors import UnmergeError
+from unmerge_core.io.adapters import LoraAdapter, common_modules
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,42 @@ def test_fan_in_fan_out_adapters_are_transposed(base_and_adapter, tmp_path) -> N
     idx = torch.tensor([0, 3, 40])
     torch.testing.assert_close(torch.from_numpy(fifo.values_at(module, idx.numpy())).float(),
                                fifo.delta(module).reshape(-1)[idx])
+
+
+def test_file_rewritten_between_reads_is_read_again(base_and_adapter, tmp_path) -> None:
+    """The adapter keeps its file open between modules; a file replaced since is read anew, and one
+    truncated since is refused in one line (not a fault on pages that no longer exist)."""
+    root, base, adapter_dir = base_and_adapter
+    copy = tmp_path / "copy"
+    copy_with_config(adapter_dir, copy)
+    adapter = LoraAdapter(copy)
+    module = adapter.module_names[0]
+    before = adapter.delta(module)
+    other = random_adapter(base, root / "other-for-rewrite", seed=7)
+    (copy / "adapter_model.safetensors.new").write_bytes((other / "adapter_model.safetensors").read_bytes())
+    (copy / "adapter_model.safetensors.new").replace(copy / "adapter_model.safetensors")
+    after = adapter.delta(module)
+    torch.testing.assert_close(after, LoraAdapter(other).delta(module))
+    assert not torch.equal(before, after)
+    weights = copy / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UnmergeError, match="cannot read module") as info:
+        adapter.delta(module)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_factors_with_nan_or_inf_are_refused(base_and_adapter, tmp_path, bad) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _, _, adapter_dir = base_and_adapter
+    copy = tmp_path / "bad"
+    copy_with_config(adapter_dir, copy)
+    tensors = load_file(copy / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key].view(-1)[3] = bad
+    save_file(tensors, copy / "adapter_model.safetensors")
+    adapter = LoraAdapter(copy)
+    module = key.split(".lora_B")[0].removeprefix("base_model.model.")
+    with pytest.raises(UnmergeError, match="NaN or inf"):
+        adapter.factors(module)
