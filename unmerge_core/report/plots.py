@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +19,24 @@ from unmerge_core.report.tables import ResultTable
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+ROW_FONT, ATOM_FONT = 5, 7  # points: target names (one per row) and atom names (one per column)
+LONGEST_NAME = 48  # characters of a name drawn in a heatmap (the tables hold the whole name)
+
+
+def _short(name: str) -> str:
+    """A name cut in the middle to :data:`LONGEST_NAME` characters (both ends tell targets apart)."""
+    if len(name) <= LONGEST_NAME:
+        return name
+    half = (LONGEST_NAME - 1) // 2
+    return f"{name[:half]}…{name[-half:]}"
+
+
+def _text_inches(chars: int, points: float) -> float:
+    """An upper estimate of the width in inches of ``chars`` characters of DejaVu Sans at ``points``
+    (its widest letters, W and M, are about 1 em; most are 0.5–0.65 em)."""
+    return chars * points / 72
 
 
 def write_plots(run_dir: Path, table: ResultTable) -> list[Path]:
@@ -66,13 +85,18 @@ def precision_recall_plot(path: Path, table: ResultTable) -> Path:
 
 def coefficient_heatmap(path: Path, table: ResultTable, decomposer: str) -> Path:
     rows = [r for r in table.rows if r.decomposer == decomposer]
-    atoms = list(table.atom_names)
-    truth = np.array([[dict(zip(r.true_tasks, r.true_weights)).get(a, 0.0) for a in atoms] for r in rows])
-    found = np.array([r.coefficients for r in rows])
+    atoms = [_short(a) for a in table.atom_names]
+    row_names = [_short(r.target_id) for r in rows]
+    truth = np.array([[dict(zip(r.true_tasks, r.true_weights)).get(a, 0.0) for a in table.atom_names]
+                      for r in rows]).reshape(len(rows), len(atoms))
+    found = np.array([r.coefficients for r in rows], dtype=float).reshape(len(rows), len(atoms))
     vmax = float(max(np.abs(truth).max(initial=0), np.abs(found).max(initial=0), 1e-12))
-    # fixed margins in inches instead of bbox_inches="tight", which lays every tick label out twice
+    # margins in inches from the longest names (bbox_inches="tight" would lay every label out twice)
     panel_w, panel_h = max(1.5, 0.45 * len(atoms)), max(1.5, 0.16 * len(rows))
-    left, gap, right, bottom, top = 1.3, 0.15, 1.0, 1.4, 0.4
+    atom_w = _text_inches(max(map(len, atoms), default=0), ATOM_FONT)  # drawn at 60°, down and to the left
+    left = max(1.3, 0.3 + _text_inches(max(map(len, row_names), default=0), ROW_FONT), 0.3 + atom_w / 2)
+    bottom = max(1.4, 0.3 + atom_w * math.sin(math.radians(60)))
+    gap, right, top = 0.15, 1.0, 0.4
     width, height = left + 2 * panel_w + gap + right, bottom + panel_h + top
     fig = plt.figure(figsize=(width, height))
     axes = [fig.add_axes((left / width, bottom / height, panel_w / width, panel_h / height))]
@@ -87,11 +111,11 @@ def coefficient_heatmap(path: Path, table: ResultTable, decomposer: str) -> Path
         below = ax.get_xaxis_transform()
         for j, atom in enumerate(atoms):
             ax.text(j, -0.01, atom, transform=below, rotation=60, rotation_mode="anchor", ha="right", va="top",
-                    fontsize=7)
+                    fontsize=ATOM_FONT)
         ax.set_title(title, fontsize=9)
     left_of = axes[0].get_yaxis_transform()
-    for i, row in enumerate(rows):
-        axes[0].text(-0.02, i, row.target_id, transform=left_of, ha="right", va="center", fontsize=5)
+    for i, name in enumerate(row_names):
+        axes[0].text(-0.02, i, name, transform=left_of, ha="right", va="center", fontsize=ROW_FONT)
     cax = fig.add_axes(((width - right + 0.2) / width, bottom / height, 0.15 / width, panel_h / height))
     fig.colorbar(im, cax=cax)
     fig.savefig(path, dpi=110)
