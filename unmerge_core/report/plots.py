@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 ROW_FONT, ATOM_FONT = 5, 7  # points: target names (one per row) and atom names (one per column)
+PNG_OPTIONS = {"compress_level": 3}  # zlib level 3 instead of 6: a third less time, files 15% larger
 LONGEST_NAME = 48  # characters of a name drawn in a heatmap (the tables hold the whole name)
 
 
@@ -78,7 +79,7 @@ def precision_recall_plot(path: Path, table: ResultTable) -> Path:
                 ax.axhline(0.9, color="grey", lw=0.6, ls="--")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, pil_kwargs=PNG_OPTIONS)
     plt.close(fig)
     return path
 
@@ -102,22 +103,24 @@ def coefficient_heatmap(path: Path, table: ResultTable, decomposer: str) -> Path
     axes = [fig.add_axes((left / width, bottom / height, panel_w / width, panel_h / height))]
     # not sharey: a shared axis would create and lay out every row's tick a second time
     axes.append(fig.add_axes(((left + panel_w + gap) / width, bottom / height, panel_w / width, panel_h / height)))
-    # row and column names as plain text artists: a tick per row costs several artists and a layout
-    # pass each (half the figure's time at 72 targets)
-    for ax, data, title in ((axes[0], truth, "true weights"), (axes[1], found, f"{decomposer} coefficients")):
+    # row and column names as plain figure texts: a tick per row costs several artists and a layout
+    # pass each (half the figure's time at 72 targets), a text of an axes a clip path each
+    label_y = (bottom - 0.05) / height
+    for panel, (ax, data, title) in enumerate(((axes[0], truth, "true weights"),
+                                               (axes[1], found, f"{decomposer} coefficients"))):
         im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        below = ax.get_xaxis_transform()
+        x0 = left + panel * (panel_w + gap)
         for j, atom in enumerate(atoms):
-            ax.text(j, -0.01, atom, transform=below, rotation=60, rotation_mode="anchor", ha="right", va="top",
-                    fontsize=ATOM_FONT)
+            fig.text((x0 + panel_w * (j + 0.5) / len(atoms)) / width, label_y, atom, rotation=60,
+                     rotation_mode="anchor", ha="right", va="top", fontsize=ATOM_FONT)
         ax.set_title(title, fontsize=9)
-    left_of = axes[0].get_yaxis_transform()
     for i, name in enumerate(row_names):
-        axes[0].text(-0.02, i, name, transform=left_of, ha="right", va="center", fontsize=ROW_FONT)
+        y = bottom + panel_h * (1 - (i + 0.5) / len(row_names))  # row 0 at the top, as imshow draws it
+        fig.text((left - 0.05) / width, y / height, name, ha="right", va="center", fontsize=ROW_FONT)
     cax = fig.add_axes(((width - right + 0.2) / width, bottom / height, 0.15 / width, panel_h / height))
     fig.colorbar(im, cax=cax)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, pil_kwargs=PNG_OPTIONS)
     plt.close(fig)
     return path
