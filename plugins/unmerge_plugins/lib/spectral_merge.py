@@ -127,23 +127,29 @@ class LowRankFrame:
                  device: torch.device | None = None) -> None:
         # each constituent's factors are normalised and its scale (weight · α/r · ‖B‖ · ‖A‖) moves into
         # the core: a constituent a million times smaller than another keeps its own directions in
-        # the basis, as it does in the dense route
-        lefts, rights, scales = [], [], []
-        for task, weight in zip(tasks, weights):
-            b, a = task.b.to(device=device, dtype=DTYPE), task.a.to(device=device, dtype=DTYPE)
-            norm_b, norm_a = float(torch.linalg.norm(b)), float(torch.linalg.norm(a))
-            lefts.append(b / norm_b if norm_b > 0 else b)
-            rights.append(a / norm_a if norm_a > 0 else a)
-            scales.append(torch.full((int(a.shape[0]),), task.scale * weight * norm_b * norm_a, dtype=DTYPE,
-                                     device=a.device))
-        self.left = torch.cat(lefts, dim=1)
-        self.right = torch.cat(rights, dim=0)
-        self.scales = torch.cat(scales)
-        self.shape = (int(self.left.shape[0]), int(self.right.shape[1]))
-        bounds = np.cumsum([0, *[int(t.a.shape[0]) for t in tasks]])
+        # the basis, as it does in the dense route. The stacks are filled in place (one float64 copy
+        # of each factor, where converting, normalising and concatenating made three).
+        ranks = [int(t.a.shape[0]) for t in tasks]
+        bounds = np.cumsum([0, *ranks])
         self.blocks = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        self.gram_left = self.left.T @ self.left
-        self.gram_right = self.right @ self.right.T
+        n_out, n_in = (int(tasks[0].b.shape[0]), int(tasks[0].a.shape[1])) if tasks else (0, 0)
+        self.shape = (n_out, n_in)
+        size = int(bounds[-1])
+        self.left = torch.empty(n_out, size, dtype=DTYPE, device=device)
+        self.right = torch.empty(size, n_in, dtype=DTYPE, device=device)
+        self.scales = torch.empty(size, dtype=DTYPE, device=device)
+        for task, weight, block in zip(tasks, weights, self.blocks):
+            left, right = self.left[:, block], self.right[block]
+            left.copy_(task.b)
+            right.copy_(task.a)
+            norm_b, norm_a = float(torch.linalg.norm(left)), float(torch.linalg.norm(right))
+            if norm_b > 0:
+                left.div_(norm_b)
+            if norm_a > 0:
+                right.div_(norm_a)
+            self.scales[block] = task.scale * weight * norm_b * norm_a
+        self.gram_left = block_gram(self.left, self.blocks)
+        self.gram_right = block_gram(self.right.T, self.blocks)
         self._coef_left, self._root_left, top_left = _basis(self.gram_left)
         self._coef_right, self._root_right, top_right = _basis(self.gram_right)
         # round-off of the K × K algebra, relative to the stack's scale: a zero constituent gives
@@ -212,6 +218,22 @@ class LowRankFrame:
         u = _take(self.left, rows, axis=0) @ coef_left
         v = _take(self.right, cols, axis=1).T @ coef_right
         return ((u * values) * v).sum(dim=1).cpu().numpy()
+
+
+def block_gram(x: torch.Tensor, blocks: Sequence[slice]) -> torch.Tensor:
+    """``XᵀX`` for X's columns in consecutive ``blocks``: the blocks on and above the diagonal, one
+    product per block row, mirrored below (about ``(T+1)/2T`` of a general product for T blocks, and
+    exactly symmetric)."""
+    size = int(x.shape[1])
+    out = torch.empty(size, size, dtype=x.dtype, device=x.device)
+    for block in blocks:
+        if block.start == block.stop:
+            continue
+        out[block, block.start:] = x[:, block].T @ x[:, block.start:]
+        out[block.stop:, block] = out[block, block.stop:].T
+        diagonal = out[block, block]
+        out[block, block] = torch.triu(diagonal) + torch.triu(diagonal, 1).T
+    return out
 
 
 def _take(x: torch.Tensor, index: np.ndarray, axis: int) -> torch.Tensor:
