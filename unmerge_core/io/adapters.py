@@ -260,8 +260,12 @@ class LoraAdapter:
             a, b = (read_entry(descriptor, entries[key]).to(torch.float32) for key in (info.key_a, info.key_b))
         finally:
             os.close(descriptor)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != info.rank or b.shape[1] != info.rank:
-            raise ValueError(f"its factors are now {list(a.shape)} and {list(b.shape)}, not rank {info.rank}")
+        delta_shape = (int(b.shape[0]), int(a.shape[1])) if a.dim() == b.dim() == 2 else None
+        if self.fan_in_fan_out and delta_shape is not None:
+            delta_shape = delta_shape[::-1]
+        if delta_shape != info.shape or a.shape[0] != info.rank or b.shape[1] != info.rank:
+            raise ValueError(f"the file changed since it was indexed: its factors are now {list(a.shape)} and "
+                             f"{list(b.shape)}, not rank {info.rank} of a {list(info.shape)} module")
         return a, b
 
     def delta(self, module: str, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -123,3 +123,19 @@ def test_factors_with_nan_or_inf_are_refused(base_and_adapter, tmp_path, bad) ->
     module = key.split(".lora_B")[0].removeprefix("base_model.model.")
     with pytest.raises(UnmergeError, match="NaN or inf"):
         adapter.factors(module)
+
+
+def test_file_replaced_by_other_shapes_is_refused(tmp_path) -> None:
+    """An adapter file swapped for one of other module shapes after indexing is refused in one line
+    (its factors would not fit the module the index promised)."""
+    narrow, wide = tmp_path / "narrow", tmp_path / "wide"
+    narrow_base, wide_base = tiny_base(tmp_path / "nb"), tiny_base(tmp_path / "wb", hidden=64)
+    random_adapter(narrow_base, narrow, seed=1)
+    random_adapter(wide_base, wide, seed=1)
+    adapter = LoraAdapter(narrow)
+    module = adapter.module_names[0]
+    adapter.factors(module)
+    (narrow / "adapter_model.safetensors").write_bytes((wide / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(UnmergeError, match="changed since it was indexed") as info:
+        adapter.factors(module)
+    assert "\n" not in str(info.value)
