@@ -20,7 +20,10 @@ depend on energy (the full rule is in :mod:`unmerge_plugins.lib.skill_test`):
 - **Verdict**, in ``info["verdict"]``: ``not-explained`` when no skill beats ``δ_global`` (the closest pair
   of dictionary skills: what an unknown relative could produce); ``partly-explained`` when the skills
   not found still carry a positive mean partial correlation (the target holds structure no found skill
-  explains; ``info["remainder_share"]`` is its energy share); ``explained`` otherwise.
+  explains; ``info["remainder_share"]`` is its energy share), or when more than ``max_unexplained``
+  (half) of the target's energy is not explained by the skills found (a skill orthogonal to every
+  dictionary skill shares no structure with them, and the remainder test cannot see it); ``explained``
+  otherwise.
 - **Notes** (``info["notes"]``): a skill only significant at its own bound, or whose per-unit coefficient
   varies (not an exact copy of the dictionary's adapter: another training, a close relative or a
   TIES/DARE merge of it), is named with what the dictionary cannot tell apart.
@@ -57,6 +60,8 @@ class SkillFdrParams(PluginParams):
     strict: bool = Field(False, description="a not-explained target lists no skill (candidates go to the notes)")
     min_effect: float = Field(0.02, ge=0, lt=1, description="smallest mean partial correlation that can count as "
                                                             "presence (a floor under the calibrated bounds)")
+    max_unexplained: float = Field(0.5, gt=0, le=1, description="a target with more than this share of its "
+                                   "energy unexplained by the skills found is at most partly-explained")
     max_pseudo: int = Field(2000, ge=10, le=100_000, description="pseudo-targets per number of removed skills")
     seed: int = Field(0, ge=0, description="which training of a removed skill forms a pseudo-target")
 
@@ -88,7 +93,8 @@ class SkillFdr:
     def decompose(self, problem: DecompositionProblem) -> Decomposition:
         p = self.params
         cal = self.calibration(problem)
-        decision = decide(cal, problem.target, p.alpha, ood_null=p.ood_null, strict=p.strict, min_effect=p.min_effect)
+        decision = decide(cal, problem.target, p.alpha, ood_null=p.ood_null, strict=p.strict, min_effect=p.min_effect,
+                          max_unexplained=p.max_unexplained)
         skill_of = problem.skill_of_atom
         chosen = set(decision.skills)
         support = np.array([s in chosen for s in skill_of], dtype=bool)

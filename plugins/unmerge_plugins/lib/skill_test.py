@@ -356,7 +356,7 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
 
 def decide(cal: Calibration, y: np.ndarray | None = None, alpha: float = 0.05, *,
            target: tuple[np.ndarray, np.ndarray] | None = None, ood_null: str = "global",
-           strict: bool = False, min_effect: float = 0.02) -> Decision:
+           strict: bool = False, min_effect: float = 0.02, max_unexplained: float = 0.5) -> Decision:
     """Attribute one target.
 
     Args:
@@ -371,6 +371,9 @@ def decide(cal: Calibration, y: np.ndarray | None = None, alpha: float = 0.05, *
         min_effect: the smallest mean partial correlation that can count as presence, a floor under δ_s
             and δ_global: with noise-free inputs (a target that is exactly a dictionary atom, atoms that
             share nothing) the calibrated bounds shrink to round-off and the test would compare round-off.
+        max_unexplained: above this share of the target's energy left unexplained by the skills found,
+            the verdict is at most ``partly-explained``: the remainder test only sees structure shared
+            with the skills not found, and a skill orthogonal to the whole dictionary leaves none.
     """
     dy, yy = target if target is not None else target_grams(cal.D, np.asarray(y, dtype=float), cal.units)
     K, U = len(cal.skill_names), cal.U
@@ -433,6 +436,11 @@ def decide(cal: Calibration, y: np.ndarray | None = None, alpha: float = 0.05, *
         else:
             partly = False
             notes.append("every dictionary skill is significant: the remainder test has no absent skill to use")
+        if not partly and unexplained > max_unexplained:
+            partly = True
+            notes.append(f"{unexplained:.0%} of the target's energy on the mask is not explained by the skills "
+                         f"found (more than max_unexplained = {max_unexplained:.0%}): it holds a change outside "
+                         "the dictionary, or other trainings of the skills found; the dictionary cannot tell which")
         verdict = "partly-explained" if partly else "explained"
         for k in sig:
             if q_glob[k] > alpha:

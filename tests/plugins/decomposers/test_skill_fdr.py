@@ -131,3 +131,45 @@ def test_false_discoveries_on_absent_skills_stay_near_the_nominal_rate(seed: int
 def test_bh_qvalues() -> None:
     q = bh_qvalues(np.array([0.01, 0.04, 0.03, 0.5]))
     np.testing.assert_allclose(q, [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5])
+
+
+def orthogonal_unknown(d: np.ndarray, seed: int = 7) -> np.ndarray:
+    """A task sharing nothing with any dictionary skill (orthogonal to every atom)."""
+    u = np.random.default_rng(seed).normal(size=d.shape[0])
+    q, _ = np.linalg.qr(d)
+    return u - q @ (q.T @ u)
+
+
+def with_orthogonal_unknown(d: np.ndarray, share: float) -> np.ndarray:
+    """0.3·a plus an orthogonal task holding ``share`` of the target's energy."""
+    known, unknown = 0.3 * d[:, 0], orthogonal_unknown(d)
+    return known + unknown * np.linalg.norm(known) / np.linalg.norm(unknown) * np.sqrt(share / (1 - share))
+
+
+def test_a_skill_outside_the_whole_dictionary_is_not_called_explained() -> None:
+    """The remainder test sees only structure shared with the skills not found; a task orthogonal to
+    the dictionary shares none: 0.3·a + an orthogonal task carrying most of the energy was called
+    *explained* (found by a hostile review)."""
+    d, _, _, groups = world()
+    y = with_orthogonal_unknown(d, share=0.65)
+    result = decompose(d, y, groups)
+    assert "a" in found(result)
+    assert result.info["verdict"] == "partly-explained"
+    assert result.info["unexplained_share"] > 0.5
+    assert any("max_unexplained" in note for note in result.info["notes"])
+
+
+def test_merge_noise_below_half_of_the_energy_keeps_an_exact_merge_explained() -> None:
+    d, _, _, groups = world()
+    clean = 0.5 * d[:, 0] + 0.5 * d[:, 2]
+    noise = np.random.default_rng(3).normal(size=d.shape[0])
+    y = clean + noise * np.linalg.norm(clean) / np.linalg.norm(noise) * np.sqrt(0.3 / 0.7)  # 30 % of the energy
+    result = decompose(d, y, groups)
+    assert found(result) == {"a", "c"} and result.info["verdict"] == "explained"
+    assert 0.2 < result.info["unexplained_share"] < 0.4
+
+
+def test_max_unexplained_is_a_parameter() -> None:
+    d, _, _, groups = world()
+    y = with_orthogonal_unknown(d, share=0.65)
+    assert decompose(d, y, groups, max_unexplained=1.0).info["verdict"] == "explained"
