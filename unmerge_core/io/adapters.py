@@ -39,7 +39,7 @@ class AdapterConfig(BaseModel):
 
     peft_type: str = "LORA"
     r: StrictInt = Field(8, ge=1)
-    lora_alpha: StrictInt | StrictFloat | None = None
+    lora_alpha: StrictInt | StrictFloat = 8  # PEFT's default when the key is missing (not r)
     rank_pattern: dict[str, StrictInt] = Field(default_factory=dict)
     alpha_pattern: dict[str, StrictInt | StrictFloat] = Field(default_factory=dict)
     use_rslora: StrictBool = False
@@ -66,7 +66,7 @@ class AdapterConfig(BaseModel):
 
     @property
     def alpha(self) -> float:
-        return float(self.r if self.lora_alpha is None else self.lora_alpha)
+        return float(self.lora_alpha)
 
     def rank_of(self, module: str) -> tuple[int, str]:
         """The rank PEFT gives ``module`` and where it comes from (``r`` or a ``rank_pattern`` key)."""

@@ -139,3 +139,30 @@ def test_file_replaced_by_other_shapes_is_refused(tmp_path) -> None:
     with pytest.raises(UnmergeError, match="changed since it was indexed") as info:
         adapter.factors(module)
     assert "\n" not in str(info.value)
+
+
+def test_missing_lora_alpha_is_peft_default_not_rank(base_and_adapter, tmp_path) -> None:
+    """PEFT uses lora_alpha = 8 when the config has none; α = r made a rank-4 adapter twice too large
+    (found by a hostile review: a lone adapter came out with coefficient 0.5, 'explained')."""
+    root, base, adapter_dir = base_and_adapter
+    copy = tmp_path / "no-alpha"
+    copy_with_config(adapter_dir, copy)
+    cfg = json.loads((copy / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    merged = load_state(merged_full_model(base, copy, tmp_path / "merged"))
+    base_state = load_state(base)
+    adapter = LoraAdapter(copy)
+    module = adapter.module_names[0]
+    assert adapter.scale(module) == pytest.approx(8 / cfg["r"])
+    torch.testing.assert_close(adapter.delta(module), merged[f"{module}.weight"] - base_state[f"{module}.weight"],
+                               atol=1e-6, rtol=1e-4)
+
+
+def test_null_lora_alpha_is_refused(base_and_adapter, tmp_path) -> None:
+    _, _, adapter_dir = base_and_adapter
+    copy = tmp_path / "null-alpha"
+    copy_with_config(adapter_dir, copy, lora_alpha=None)
+    with pytest.raises(UnmergeError, match="lora_alpha") as info:
+        LoraAdapter(copy)
+    assert "\n" not in str(info.value)
