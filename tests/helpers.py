@@ -75,14 +75,14 @@ def tiny_base(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2)
 
 
 def random_adapter(base: Path, directory: Path, seed: int, rank: int = 4, alpha: float = 8.0,
-                   scale: float = 0.05) -> Path:
+                   scale: float = 0.05, targets: list[str] | None = None) -> Path:
     """A PEFT LoRA adapter on ``base`` with random A and B (as if trained)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS,
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or TARGETS,
                                                   init_lora_weights=False))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

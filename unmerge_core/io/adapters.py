@@ -164,6 +164,7 @@ class LoraAdapter:
             raise UnmergeError(f"{self.weights_path}: not a readable safetensors file ({_first_line(exc)})") from None
 
     def _read_index(self) -> dict[str, LoraModule]:
+        self.other_tensors: list[str] = []
         settings = self.settings
         pairs: dict[str, dict[str, str]] = {}
         where = self.weights_path
@@ -172,6 +173,8 @@ class LoraAdapter:
                 match = _KEY_RE.match(key)
                 if match:
                     pairs.setdefault(match["module"], {})[match["ab"]] = key
+                else:  # a LoRA bias, embedding factors, modules_to_save copies: changes ΔW does not hold
+                    self.other_tensors.append(key)
             modules: dict[str, LoraModule] = {}
             for module, ab in sorted(pairs.items(), key=lambda kv: _natural_key(kv[0])):
                 if set(ab) != {"A", "B"}:
@@ -289,6 +292,11 @@ class LoraAdapter:
         torch's small-op overhead, and accumulated in float64.
         """
         return self.lowrank(module).values_at(flat_indices)
+
+    def energy(self, module: str) -> float:
+        """``‖ΔW‖_F²`` of one module from its factors (``tr(BᵀB · AAᵀ) · scale²``, float64; no ΔW formed)."""
+        a, b = (t.to(torch.float64) for t in self.factors(module))
+        return float(((b.T @ b) * (a @ a.T)).sum()) * self.scale(module) ** 2
 
     def lowrank(self, module: str, **kwargs: Any) -> LowRankDelta:
         """The module's ΔW as a :class:`~unmerge_core.LowRankDelta` (formed on demand).

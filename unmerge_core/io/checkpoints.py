@@ -397,6 +397,32 @@ def check_compatible(base: Checkpoint, target: Checkpoint, modules: Mapping[str,
     return warnings
 
 
+OUTSIDE_SAMPLE = 32
+"""Entries compared per tensor by :func:`changed_outside` (a fine-tune or merge changes nearly every one)."""
+
+
+def changed_outside(base: Checkpoint, target: Checkpoint, modules: Iterable[str]) -> list[str]:
+    """Float tensors of both checkpoints, other than the ``modules``' weights, whose values differ at
+    :data:`OUTSIDE_SAMPLE` entries spread over the tensor (read page by page: a few MB for a 7B model).
+
+    A sample: a dense change (fine-tuning, a merge) is seen; an edit of a few entries may not be.
+    """
+    skip = {key for key in (target.module_key(m) for m in modules) if key is not None}
+    changed = []
+    for key in target.keys:
+        if key in skip or key not in base.shapes or base.shapes[key] != target.shapes[key]:
+            continue
+        if base.dtypes.get(key) not in FLOAT_DTYPES or target.dtypes.get(key) not in FLOAT_DTYPES:
+            continue
+        numel = int(np.prod(target.shapes[key], dtype=np.int64))
+        if numel == 0:
+            continue
+        idx = torch.from_numpy(np.unique(np.linspace(0, numel - 1, min(OUTSIDE_SAMPLE, numel)).astype(np.int64)))
+        if not torch.equal(base.gather(key, idx), target.gather(key, idx)):
+            changed.append(key)
+    return changed
+
+
 def first_difference(base: Checkpoint, target: Checkpoint) -> str | None:
     """Name of the first tensor (natural order) whose values differ between the two, or ``None``.
 

@@ -16,7 +16,7 @@ import torch
 
 from unmerge_core.errors import UnmergeError
 from unmerge_core.io.adapters import LoraAdapter
-from unmerge_core.io.checkpoints import FLOAT_DTYPES, Checkpoint, check_compatible, first_difference
+from unmerge_core.io.checkpoints import FLOAT_DTYPES, Checkpoint, changed_outside, check_compatible, first_difference
 from unmerge_core.io.masks import masked_vector
 from unmerge_core.types import Mask
 
@@ -61,6 +61,11 @@ class TargetReader:
     def model_vector(self, target: Checkpoint) -> tuple[np.ndarray, list[str]]:
         assert self.base is not None
         warnings = check_compatible(self.base, target, self.mask.shapes)
+        changed = changed_outside(self.base, target, self.mask.modules)
+        if changed:
+            warnings.append(f"target {target.name}: {len(changed)} tensor(s) outside the dictionary's modules differ "
+                            f"from the base (first: {changed[0]}): those changes are not attributed, the answer "
+                            "covers the dictionary's modules only")
         base_values = self._base_masked()
         parts = []
         for module, idx in self.mask.indices.items():
@@ -100,12 +105,31 @@ class TargetReader:
         if missing:
             warnings.append(f"target {adapter.name}: the adapter lacks {len(missing)} of the dictionary's "
                             f"{len(self.mask.indices)} modules (first: {missing[0]}); ΔW = 0 there")
+        warnings += outside_warnings(adapter, self.mask)
         if not np.isfinite(vector).all():
             raise UnmergeError(f"target {adapter.name}: the adapter holds NaN or inf")
         if not np.any(vector):
             raise UnmergeError(
                 f"target {adapter.name} is identical to the base (ΔW = B·A·α/r = 0): nothing to attribute")
         return vector, warnings
+
+
+def outside_warnings(adapter: LoraAdapter, mask: Mask) -> list[str]:
+    """What an adapter target changes that the attribution cannot see: modules the dictionary does
+    not adapt (with their share of the adapter's ‖ΔW‖²) and tensors that are not LoRA factors."""
+    warnings = []
+    outside = [m for m in adapter.module_names if m not in mask.indices]
+    if outside:
+        energy = {m: adapter.energy(m) for m in adapter.module_names}
+        total = sum(energy.values())
+        share = sum(energy[m] for m in outside) / total if total > 0 else 0.0
+        warnings.append(f"target {adapter.name}: {len(outside)} adapted module(s) are not in the dictionary (first: "
+                        f"{outside[0]}), holding {share:.1%} of the adapter's ΔW energy: that change is not attributed")
+    if adapter.other_tensors:
+        warnings.append(f"target {adapter.name}: the adapter holds {len(adapter.other_tensors)} tensor(s) that are not "
+                        f"LoRA factors (first: {adapter.other_tensors[0]}; a LoRA bias, embedding factors or "
+                        "modules_to_save): their change is not attributed")
+    return warnings
 
 
 def target_deltas(path: Path, kind: str, base: Checkpoint | None, *, allow_pickle: bool = False,
