@@ -236,11 +236,14 @@ class PluginManager:
             ) from None
 
     def resolve(self, stage: str, name: str, params: Mapping[str, Any] | None = None, *, label: str | None = None,
-                where: str = "", inner: ResolvedPlugin | None = None, params_field: str = "params") -> ResolvedPlugin:
+                where: str = "", inner: ResolvedPlugin | None = None, params_field: str = "params",
+                context: Mapping[str, Any] | None = None) -> ResolvedPlugin:
         """Look up a plugin, validate its ``params`` and bind them (nothing is built yet).
 
         ``where`` prefixes error messages (``<file>: decomposers[1]``); ``inner`` is the plugin a
-        wrapping plugin (``spec.wraps``) wraps; ``params_field`` names the params table in errors.
+        wrapping plugin (``spec.wraps``) wraps; ``params_field`` names the params table in errors;
+        ``context`` is pydantic's validation context (a manifest passes ``{"manifest_dir": <absolute
+        folder>}``, from which a params model reads its relative paths).
         """
         sep = "." if where and not where.endswith(":") else " "
         installed = self.get(stage, name, where=f"{where}{sep}plugin" if where else "")
@@ -248,7 +251,7 @@ class PluginManager:
             raise UnmergeError(f"{where}{sep}plugin: {stage} plugin '{name}' wraps another {stage}: write "
                                f"{name.replace('-', '_')} = true (or a table) on that {stage}'s entry")
         validated = validate_params(installed.spec, dict(params or {}),
-                                    where=f"{where}{sep}{params_field}" if where else "")
+                                    where=f"{where}{sep}{params_field}" if where else "", context=context)
         return ResolvedPlugin(label or name, installed.spec, validated, installed.distribution, installed.version,
                               inner)
 
@@ -334,10 +337,11 @@ def check_protocol(obj: Any, stage: Stage, label: str) -> None:
                                                       f"but not {', '.join(absent)}: provide all of them or none")
 
 
-def validate_params(spec: PluginSpec, params: dict[str, Any], *, where: str = "") -> PluginParams:
+def validate_params(spec: PluginSpec, params: dict[str, Any], *, where: str = "",
+                    context: Mapping[str, Any] | None = None) -> PluginParams:
     """Validate a params table against a plugin's model; errors become one line each."""
     try:
-        return spec.params.model_validate(params)
+        return spec.params.model_validate(params, context=dict(context) if context is not None else None)
     except ValidationError as exc:
         raise UnmergeError(format_validation_error(exc, prefix=where, plugin=spec)) from None
 

@@ -401,12 +401,16 @@ def manifest_from_data(raw: dict[str, Any], path: Path, manager: PluginManager |
                  for i in range(per_method)}
     check_manifest_targets(path, file, [*file.tasks.known, *file.tasks.unknown], errors, generated)
 
+    context = {"manifest_dir": path.parent.resolve()}  # plugins read their relative paths from here
+
     def resolve(stage: str, ref: PluginRef, where: str) -> ResolvedPlugin | None:
         try:
-            plugin = manager.resolve(stage, ref.plugin, ref.params, label=ref.display, where=f"{path}: {where}")
+            plugin = manager.resolve(stage, ref.plugin, ref.params, label=ref.display, where=f"{path}: {where}",
+                                     context=context)
             if isinstance(ref, DecomposerRef) and ref.per_layer is not None:
                 plugin = manager.resolve(stage, PER_LAYER_PLUGIN, ref.per_layer, label=ref.display,
-                                         where=f"{path}: {where}", inner=plugin, params_field="per_layer")
+                                         where=f"{path}: {where}", inner=plugin, params_field="per_layer",
+                                         context=context)
         except UnmergeError as exc:
             errors.append(str(exc))
             return None
