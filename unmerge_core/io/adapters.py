@@ -12,7 +12,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,6 +339,39 @@ def _first_line(exc: BaseException) -> str:
 
 def _natural_key(name: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+"""``config.json`` model types whose adapted layers are ``transformers`` ``Conv1D`` (weights stored
+(in, out)): PEFT uses ``fan_in_fan_out = true`` on them whatever the adapter's config says, and
+``false`` on ``nn.Linear`` layers (every other model), with a warning when the config disagrees."""
+
+
+def check_orientation(adapters: Sequence[LoraAdapter], model_type: str | None) -> None:
+    """Refuse adapters whose ``fan_in_fan_out`` PEFT would override for this base, or that disagree.
+
+    PEFT ignores the flag where it does not fit the layer, so ΔW of such an adapter is ``B·A`` where
+    its config says ``(B·A)ᵀ`` (or the reverse): on a square module nothing else would catch it, and
+    the attribution would compare transposed matrices. ``model_type`` is the base's ``config.json``
+    ``model_type`` (``None`` when unknown: then only adapters that disagree with each other are refused).
+    """
+    if model_type is not None:
+        conv1d = model_type in CONV1D_MODEL_TYPES
+        for adapter in adapters:
+            if adapter.fan_in_fan_out != conv1d:
+                layers = "transformers Conv1D" if conv1d else "nn.Linear"
+                raise UnmergeError(
+                    f"{adapter.path / ADAPTER_CONFIG}: fan_in_fan_out = {str(adapter.fan_in_fan_out).lower()}, but "
+                    f"the base model ({model_type}) has {layers} layers, where PEFT uses fan_in_fan_out = "
+                    f"{str(conv1d).lower()} and ignores the config (ΔW would be transposed): set it to "
+                    f"{str(conv1d).lower()}")
+        return
+    flagged = [a for a in adapters if a.fan_in_fan_out]
+    plain = [a for a in adapters if not a.fan_in_fan_out]
+    if flagged and plain:
+        raise UnmergeError(f"adapters disagree on fan_in_fan_out ({flagged[0].name} sets it, {plain[0].name} does "
+                           "not): one's ΔW is the transpose of the other's layout; pass the base model (--base) or "
+                           "fix the adapter_config.json that is wrong")
 
 
 def common_modules(adapters: list[LoraAdapter]) -> list[str]:

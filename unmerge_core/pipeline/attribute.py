@@ -23,7 +23,7 @@ import numpy as np
 from unmerge_core.config.registry import Registry
 from unmerge_core.config.targets import Truth, detect_kind, read_mergekit_truth, read_truth_json, truth_group
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
-from unmerge_core.io.adapters import LoraAdapter, common_modules, dropped_modules
+from unmerge_core.io.adapters import LoraAdapter, check_orientation, common_modules, dropped_modules
 from unmerge_core.io.checkpoints import Checkpoint
 from unmerge_core.io.masks import masked_vector
 from unmerge_core.io.store import check_output_dir, derive_seed, to_jsonable
@@ -216,6 +216,10 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
             raise UnmergeError(f"target {name}: give --truth or --truth-json, not both")
         truths[name] = read_truth_json(text)
 
+    adapter_targets = [LoraAdapter(path, name) for name, path in request.targets if kinds[name] == "adapter"]
+    config = base.config() if base is not None else None
+    model_type = config.get("model_type") if config is not None else None
+    check_orientation([*adapters, *adapter_targets], model_type if isinstance(model_type, str) else None)
     message = intersection_warning(adapters)
     if message:
         warn(message)

@@ -166,3 +166,22 @@ def test_null_lora_alpha_is_refused(base_and_adapter, tmp_path) -> None:
     with pytest.raises(UnmergeError, match="lora_alpha") as info:
         LoraAdapter(copy)
     assert "\n" not in str(info.value)
+
+
+def test_fan_in_fan_out_that_peft_would_override_is_refused(base_and_adapter, tmp_path) -> None:
+    """PEFT ignores fan_in_fan_out = true on nn.Linear layers (and forces it on GPT-2's Conv1D): reading
+    such an adapter transposed gave a wrong attribution on square modules (found by a hostile review)."""
+    from unmerge_core.io.adapters import check_orientation
+
+    _, _, adapter_dir = base_and_adapter
+    flagged = tmp_path / "fifo"
+    copy_with_config(adapter_dir, flagged, fan_in_fan_out=True)
+    plain, fifo = LoraAdapter(adapter_dir), LoraAdapter(flagged)
+    check_orientation([plain], "qwen2")
+    check_orientation([fifo], "gpt2")
+    check_orientation([plain, plain], None)
+    for adapters, model_type, message in (([fifo], "qwen2", "nn.Linear"), ([plain], "gpt2", "Conv1D"),
+                                          ([plain, fifo], None, "disagree")):
+        with pytest.raises(UnmergeError, match=message) as info:
+            check_orientation(adapters, model_type)
+        assert "\n" not in str(info.value)
