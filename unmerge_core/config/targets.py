@@ -11,8 +11,9 @@ A target the toolkit did not make is either
 Only the mask's coordinates of ΔW are kept, so memory stays at one module of the target.
 
 Ground truth is optional: tasks and weights given inline, in a JSON object, or read from a mergekit
-YAML ``models:`` list. With it, a target belongs to the group ``known`` (every true task is a
-dictionary atom), ``unknown`` (none is) or ``mixed``; without it, to the group ``external``.
+YAML (the effective coefficient of each task vector in the merged ΔW). Weights are finite, from 0 to
+:data:`MAX_WEIGHT`, with a positive sum. With it, a target belongs to the group ``known`` (every true
+task is a dictionary atom), ``unknown`` (none is) or ``mixed``; without it, to the group ``external``.
 """
 
 from __future__ import annotations
@@ -21,26 +22,33 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from unmerge_core.errors import UnmergeError
+from unmerge_core.errors import UnmergeError, format_validation_error, short_repr
 from unmerge_core.io.checkpoints import Checkpoint
 from unmerge_core.io.hub import HUB_ID, resolve_model_ref
 from unmerge_core.io.store import is_safe_name
 
 EXTERNAL_GROUP = "external"
 TargetKind = Literal["auto", "model", "adapter"]
+MAX_WEIGHT = 1e6
+"""Largest ground-truth weight accepted: beyond it a weight is a typo, and sums overflow downstream."""
+ZERO_SUM = "weights sum to 0; at least one weight must be positive"
+Weight = Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]
 
 
 class TruthSpec(BaseModel):
-    """Ground truth of an existing target: its constituent tasks and their merge weights."""
+    """Ground truth of an existing target: its constituent tasks and their merge weights.
+
+    Each weight is a finite number from 0 to :data:`MAX_WEIGHT`, and at least one is positive.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tasks: list[str] = Field(min_length=1)
-    weights: list[float]
+    weights: list[Weight]
 
     @model_validator(mode="after")
     def _aligned(self) -> TruthSpec:
@@ -49,6 +57,8 @@ class TruthSpec(BaseModel):
         dupes = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if dupes:
             raise ValueError(f"tasks lists {', '.join(dupes)} more than once")
+        if not sum(self.weights) > 0:
+            raise ValueError(ZERO_SUM)
         return self
 
 
@@ -71,11 +81,22 @@ class ExternalTarget(BaseModel):
 
 @dataclass(frozen=True)
 class Truth:
-    """Validated ground truth; ``source`` says where it came from (for the report)."""
+    """Validated ground truth; ``source`` says where it came from (for the report).
+
+    Built with weights outside :class:`TruthSpec`'s rules, it raises a one-line :class:`UnmergeError`.
+    """
 
     tasks: tuple[str, ...]
     weights: tuple[float, ...]
     source: str
+
+    def __post_init__(self) -> None:
+        for i, w in enumerate(self.weights):
+            if not 0 <= w <= MAX_WEIGHT:  # NaN and ±inf fail too
+                raise UnmergeError(f"truth from {self.source}: weights[{i}]: must be a finite number from 0 to "
+                                   f"{MAX_WEIGHT:,.0f} (got {w!r})")
+        if not sum(self.weights) > 0:
+            raise UnmergeError(f"truth from {self.source}: {ZERO_SUM}")
 
     @classmethod
     def from_spec(cls, spec: TruthSpec, source: str) -> Truth:
@@ -127,58 +148,125 @@ def read_truth_json(text_or_path: str) -> Truth:
     try:
         return Truth.from_spec(TruthSpec.model_validate(data), source)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        msg = str(first["msg"]).removeprefix("Value error, ")
-        raise UnmergeError(f"--truth-json {source}: {loc + ': ' if loc else ''}{msg}") from None
+        first = format_validation_error(exc).splitlines()[0].removeprefix("(top level): ")
+        raise UnmergeError(f"--truth-json {source}: {first}") from None
+
+
+# mergekit's task-arithmetic family (mergekit/merge_methods/registry.py): name -> default of ``normalize``.
+TASK_ARITHMETIC_METHODS = {"task_arithmetic": False, "ties": True, "dare_ties": False, "dare_linear": False,
+                           "breadcrumbs": False, "breadcrumbs_ties": False, "della": True, "della_linear": False}
 
 
 def read_mergekit_truth(path: Path, atoms: Mapping[str, Path]) -> Truth:
-    """Tasks and weights from a mergekit YAML ``models:`` list.
+    """Tasks, and the coefficient of each one's task vector in the merged ΔW, from a mergekit YAML.
 
     Each ``model`` reference is ``PATH`` or ``BASE+ADAPTER``; its task is the dictionary atom whose
     adapter directory is that path (after resolving it against the YAML's folder, then the current
     directory), else the atom named like the path's last component, else that last component (a
-    task outside the dictionary). The base model listed without a weight (TIES habit) is skipped.
-    A missing ``weight`` is 1. For ``merge_method: linear`` with ``normalize`` (mergekit's default)
-    the weights are divided by their sum, which is what the merged ΔW is made of.
+    task outside the dictionary). The base model is no task: skipped when listed.
+
+    Parameters are resolved as mergekit does: a model's ``weight`` from its own ``parameters``, else
+    from the top-level ``parameters`` (else 1); ``normalize`` and ``lambda`` from the top level only.
+
+    - ``linear``: ΔW = Σ wᵢ·ΔWᵢ, divided by Σ w with ``normalize`` (the default); the base takes part
+      in that sum with its weight, if it has one (its own, or the top-level one), as mergekit feeds it
+      to the average as one more input. (Without ``normalize``, weights not summing to 1 also leave
+      (Σw − 1)·base in ΔW, which is no task.)
+    - the task-arithmetic family (:data:`TASK_ARITHMETIC_METHODS`: task_arithmetic, TIES, DARE,
+      breadcrumbs, DELLA): ΔW = λ·Σ wᵢ·ΔWᵢ, divided by Σ w with ``normalize`` (default on for ``ties``
+      and ``della`` only); the base's weight plays no part. With sign consensus (the ``*ties`` methods
+      and ``della``) mergekit divides each coordinate by the sum of the weights that agree in sign
+      there, so λ·wᵢ/Σw is an approximation; sparsification (density, DARE's rescaling) is ignored.
+    - any other method (slerp and its family, model_stock, sce, karcher, ...) has coefficients that
+      depend on the weights' values themselves: a one-line :class:`UnmergeError`, as is a weight,
+      ``lambda`` or ``normalize`` that is not a plain value (per-layer gradients and filters are not
+      read), or weights outside :class:`TruthSpec`'s rules.
     """
     import yaml
 
     if not path.is_file():
         raise UnmergeError(f"--truth: {path}: no such file")
+    where = f"--truth {path}"
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise UnmergeError(f"--truth {path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        raise UnmergeError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-        raise UnmergeError(f"--truth {path}: no 'models:' list (slices-based configs are not supported)")
+        raise UnmergeError(f"{where}: no 'models:' list (slices-based configs are not supported)")
+    method = data.get("merge_method")
+    if method is None:
+        raise UnmergeError(f"{where}: merge_method: missing; the truth depends on how the models were merged")
+    if method != "linear" and not (isinstance(method, str) and method in TASK_ARITHMETIC_METHODS):
+        raise UnmergeError(f"{where}: merge_method: {short_repr(method)} mixes models with coefficients that cannot "
+                           "be read from the YAML (supported: linear, " + ", ".join(TASK_ARITHMETIC_METHODS)
+                           + "); give the truth with --truth-json")
+    shared = _parameters(data.get("parameters"), f"{where}: parameters")
+    default = None if shared.get("weight") is None else _number(shared["weight"], f"{where}: parameters.weight")
     resolved_atoms = {_resolve(p): name for name, p in atoms.items()}
     base_ref = data.get("base_model")
+    base_weight = None if base_ref is None else default  # linear: mergekit adds an unlisted base with it
     tasks: list[str] = []
     weights: list[float] = []
     for i, entry in enumerate(data["models"]):
         ref = entry.get("model") if isinstance(entry, dict) else None
         if not isinstance(ref, str):
-            raise UnmergeError(f"--truth {path}: models[{i}].model must be a string path")
-        params = entry.get("parameters") or {}
-        if ref == base_ref and "weight" not in params:
+            raise UnmergeError(f"{where}: models[{i}].model must be a string path")
+        params = _parameters(entry.get("parameters"), f"{where}: models[{i}].parameters")
+        own = "weight" in params
+        weight = params["weight"] if own else default
+        if ref == base_ref and method != "linear":  # the family never reads the base's weight
             continue
-        weight = params.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise UnmergeError(f"--truth {path}: models[{i}].parameters.weight must be a number (got {weight!r})")
+        if weight is not None:
+            weight = _number(weight, f"{where}: {f'models[{i}].' if own else ''}parameters.weight")
+        if ref == base_ref:
+            base_weight = weight
+            continue
         task = _task_of_reference(ref, path.parent, resolved_atoms)
         if task in tasks:
-            raise UnmergeError(f"--truth {path}: models[{i}]: task {task!r} appears twice")
+            raise UnmergeError(f"{where}: models[{i}]: task {task!r} appears twice")
         tasks.append(task)
-        weights.append(float(weight))
+        weights.append(1.0 if weight is None else weight)
     if not tasks:
-        raise UnmergeError(f"--truth {path}: the models list names no constituent")
-    shared = data.get("parameters") or {}
-    if data.get("merge_method") == "linear" and shared.get("normalize", True) and sum(weights) > 0:
+        raise UnmergeError(f"{where}: the models list names no constituent")
+    if not sum(weights) > 0:
+        raise UnmergeError(f"{where}: the models' {ZERO_SUM}")
+    scale = 1.0
+    if method == "linear":
+        total = sum(weights) + (base_weight or 0.0)
+        normalize = _flag(shared.get("normalize", True), f"{where}: parameters.normalize")
+    else:
         total = sum(weights)
-        weights = [w / total for w in weights]
-    return Truth(tuple(tasks), tuple(weights), str(path))
+        normalize = _flag(shared.get("normalize", TASK_ARITHMETIC_METHODS[method]), f"{where}: parameters.normalize")
+        scale = _number(shared.get("lambda", 1.0), f"{where}: parameters.lambda")
+        if scale == 0:
+            raise UnmergeError(f"{where}: parameters.lambda: must be positive (got {shared['lambda']!r})")
+    if normalize:
+        scale /= total
+    return Truth(tuple(tasks), tuple(w * scale for w in weights), str(path))
+
+
+def _parameters(value: Any, field: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UnmergeError(f"{field}: must be a mapping (got {short_repr(value)})")
+    return value
+
+
+def _number(value: Any, field: str) -> float:
+    """A mergekit weight or lambda: a plain number from 0 to :data:`MAX_WEIGHT`, else a one-line error."""
+    if isinstance(value, (list, dict)):
+        raise UnmergeError(f"{field}: per-layer gradients and filters are not read; give one number "
+                           f"(got {short_repr(value)})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_WEIGHT:
+        raise UnmergeError(f"{field}: must be a finite number from 0 to {MAX_WEIGHT:,.0f} (got {short_repr(value)})")
+    return float(value)
+
+
+def _flag(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise UnmergeError(f"{field}: must be true or false (got {short_repr(value)})")
+    return value
 
 
 def _resolve(path: Path) -> str:
