@@ -210,6 +210,19 @@ class Calibration:
         return len(self.units)
 
 
+def _check_units(units: Sequence[tuple[str, slice]], skills: int, modules: int, bands: int) -> None:
+    """Refuse a mask too small for the test: each unit's regression on all skills needs a few more
+    coordinates than skills, or every partial correlation is an exact fit (1) or undefined, and the
+    verdict would be noise (a 16-coordinate mask called an exact merge not-explained)."""
+    sizes = sorted(s.stop - s.start for _, s in units)
+    need, median = skills + 3, sizes[len(sizes) // 2]
+    if median < need:
+        raise ValueError(f"the mask is too small for the test: its {len(units)} units hold a median of {median} "
+                         f"coordinates for {skills} skills, and each needs at least {need}; give the masker a "
+                         f"budget of at least {need * bands} coordinates per module ({need * bands * max(modules, 1)} "
+                         "in all)")
+
+
 def calibrate(D: np.ndarray, slices: Mapping[str, slice], groups: Mapping[str, Sequence[int]] | None = None,
               atom_names: Sequence[str] | None = None, *, bands: int = 4, max_removed: int = 5,
               max_pseudo: int = 2000, seed: int = 0, grams: UnitGrams | None = None,
@@ -241,6 +254,7 @@ def calibrate(D: np.ndarray, slices: Mapping[str, slice], groups: Mapping[str, S
     gl = [list(groups[s]) for s in skill_names]
     K = len(gl)
     units = make_units(slices, n, bands)
+    _check_units(units, K, len(slices), bands)
     grams = grams or UnitGrams.from_vectors(D, units)
     W = _skill_transform(grams, gl)
     C = np.einsum("uak,uab,ubl->ukl", W, grams.G, W)
