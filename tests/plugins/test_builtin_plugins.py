@@ -161,3 +161,19 @@ def test_alignment_on_unknown_and_undefined_on_known() -> None:
     assert m["category_match"] == 1.0  # b is "style", like u
     assert m["alignment_atoms"] is not None and -1 <= m["alignment_atoms"] <= 1
     assert AlignmentMetrics(SupportParams()).compute(evaluation("known", [1, 0, 0, 0]))["category_match"] is None
+
+
+def test_topk_budget_below_one_coordinate_per_module_is_refused(tmp_path) -> None:
+    """A budget of 1 over 8 modules silently became 8 coordinates (found by a hostile review)."""
+    from helpers import random_adapter, tiny_base
+    from unmerge_core.io.adapters import LoraAdapter
+    from unmerge_plugins.maskers.topk import TopKMasker, TopKParams
+
+    base = tiny_base(tmp_path / "base")
+    adapter = LoraAdapter(random_adapter(base, tmp_path / "a", seed=1))
+    modules = len(adapter.module_names)
+    from unmerge_core.errors import UnmergeError
+
+    with pytest.raises(UnmergeError, match=f"less than one coordinate per module \\({modules} modules\\)"):
+        TopKMasker(TopKParams(budget=modules - 1)).build_mask([adapter])
+    assert TopKMasker(TopKParams(budget=modules)).build_mask([adapter]).size == modules

@@ -73,7 +73,10 @@ class TopKMasker:
         modules = common_modules(list(adapters))
         if not modules:
             raise ValueError("the dictionary adapters share no module")
-        return TopKPlan(list(adapters), modules, max(1, self.params.budget // len(modules)), self.params.aggregate)
+        if self.params.budget < len(modules):  # the split gives every module at least one coordinate
+            raise ValueError(f"budget {self.params.budget} is less than one coordinate per module ({len(modules)} "
+                             f"modules): use a budget of at least {len(modules)}")
+        return TopKPlan(list(adapters), modules, self.params.budget // len(modules), self.params.aggregate)
 
     def aggregate(self, adapters: Sequence[LoraAdapter], module: str, pool: BufferPool | None = None) -> torch.Tensor:
         """|ΔW| aggregated over adapters, formed block of rows by block of rows.
