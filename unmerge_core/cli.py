@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tabulate import tabulate
 
@@ -56,8 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (it prints the whole usage block before them otherwise)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unmerge", description="Which known skills is a merged model made of?")
+    parser = _OneLineParser(prog="unmerge", description="Which known skills is a merged model made of?")
     parser.add_argument("--version", action="version", version=f"unmerge {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command")
@@ -212,7 +219,8 @@ def _add_attribute_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
                    help="metric plugin (repeatable; default: support, reconstruction, unique-share); "
                         "truth-based values are n/a without --truth")
     p.add_argument("--param", action="append", metavar="NAME.KEY=VALUE",
-                   help="plugin parameter; NAME is 'masker', a decomposer or a metric; VALUE is JSON or a string")
+                   help="plugin parameter; NAME is 'masker' (or its plugin name), a decomposer or a metric; "
+                        "VALUE is JSON or a string")
     p.add_argument("--truth", action="append", metavar="[TARGET=]YAML",
                    help="ground truth from a mergekit YAML models: list (repeatable, one per target)")
     p.add_argument("--truth-json", action="append", metavar="[TARGET=]JSON",
@@ -325,6 +333,7 @@ def request_from_args(args: Any) -> AttributeRequest:
             raise UnmergeError(f"--device cuda: {no_cuda_message()}")
         masker_params["device"] = args.device
     params: dict[str, dict[str, Any]] = {"masker": masker_params}
+    params.setdefault(args.masker, masker_params)  # --param topk.budget=… as well as masker.budget
     for n in [*decomposer_names, *metric_names]:
         params.setdefault(n, {})
     parse_params(args.param or [], params)

@@ -250,8 +250,9 @@ class PluginManager:
         if installed.spec.wraps and inner is None:
             raise UnmergeError(f"{where}{sep}plugin: {stage} plugin '{name}' wraps another {stage}: write "
                                f"{name.replace('-', '_')} = true (or a table) on that {stage}'s entry")
-        validated = validate_params(installed.spec, dict(params or {}),
-                                    where=f"{where}{sep}{params_field}" if where else "", context=context)
+        # a CLI flag (``--param NAME``) names the parameters on its own; a manifest field follows its table
+        params_where = params_field if params_field.startswith("--") else f"{where}{sep}{params_field}" if where else ""
+        validated = validate_params(installed.spec, dict(params or {}), where=params_where, context=context)
         return ResolvedPlugin(label or name, installed.spec, validated, installed.distribution, installed.version,
                               inner)
 

@@ -439,3 +439,17 @@ def test_a_skill_with_several_trainings_is_attributed_as_one_skill(tmp_path) -> 
     assert [s.name for s in attribution.skills] == ["beta"] and attribution.skills[0].atoms == ["beta/run1", "beta/run2"]
     assert attribution.metrics["precision"] == 1.0 and attribution.metrics["recall"] == 1.0
     assert result.reports[0].group == "known"
+
+
+def test_cli_errors_name_the_flag_once_and_fit_on_one_line(world, tmp_path, capsys) -> None:
+    """Found by a hostile review: '--decomposer lasso.--param lasso.alpha_ratio: …', the masker's own
+    name refused in --param, and argparse's usage block printed before its error."""
+    common = ["--dictionary", str(world["dict"]), "--output-dir", str(tmp_path / "out"), str(world["outsider"])]
+    rc, _, err = run_cli(capsys, "--decomposer", "lasso", "--param", "lasso.alpha_ratio=-1", *common)
+    assert one_line_error(rc, err) == "error: --param lasso.alpha_ratio: Input should be greater than 0 (got -1)"
+    rc, _, err = run_cli(capsys, "--param", "topk.budget=abc", *common)
+    assert one_line_error(rc, err).startswith("error: --param topk.budget: Input should be a valid integer")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["attribute", "--budget", "x", *common])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "invalid int value: 'x'" in err
