@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from unmerge_core.config.manifest import PER_LAYER_PLUGIN
 from unmerge_core.config.registry import Registry
 from unmerge_core.config.targets import Truth, detect_kind, read_mergekit_truth, read_truth_json, truth_group
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
@@ -178,8 +179,7 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
     names = [n for n, _ in request.targets]
     # plugins first: a typo fails before any tensor is read
     masker = resolve_plugin(manager, "masker", request.masker, request.masker_params, f"--masker {request.masker}")
-    decomposers = [resolve_plugin(manager, "decomposer", name, params, f"--decomposer {name}")
-                   for name, params in request.decomposers]
+    decomposers = [resolve_decomposer(manager, name, params) for name, params in request.decomposers]
     report_metrics = list(REPORT_METRICS) + ([VERIFY_METRIC] if request.verify else [])
     requested = list(request.metrics) + [(m, {}) for m in report_metrics if m not in dict(request.metrics)]
     requested = [(m, {**_verify_defaults(m, len(request.targets)), **params}) for m, params in requested]
@@ -385,6 +385,25 @@ def _with_threshold(manager: PluginManager, metric: str, params: Mapping[str, An
     if "threshold" in spec.params.model_fields and "threshold" not in out:
         out["threshold"] = threshold
     return out
+
+
+def resolve_decomposer(manager: PluginManager, name: str, params: Mapping[str, Any]) -> ResolvedPlugin:
+    """A ``--decomposer``; ``--param NAME.per_layer=true`` (or a JSON object of the ``per-layer``
+    plugin's parameters) wraps it per layer, as ``per_layer`` does on a manifest's decomposer entry."""
+    params = dict(params)
+    per_layer = params.pop("per_layer", None)
+    if per_layer is not None and not isinstance(per_layer, (bool, dict)):
+        raise UnmergeError(f"--param {name}.per_layer: expected true, false or a JSON object of the per-layer "
+                           f"plugin's parameters (got {per_layer!r})")
+    if name == PER_LAYER_PLUGIN:
+        raise UnmergeError(f"--decomposer {PER_LAYER_PLUGIN}: it wraps another decomposer: give that one with "
+                           f"--param NAME.per_layer=true (e.g. --decomposer nnls --param nnls.per_layer=true)")
+    plugin = resolve_plugin(manager, "decomposer", name, params, f"--decomposer {name}")
+    if per_layer is False or per_layer is None:
+        return plugin
+    options = {} if per_layer is True else per_layer
+    return manager.resolve("decomposer", PER_LAYER_PLUGIN, options, label=f"{name}/per-layer",
+                           where=f"--decomposer {name}", inner=plugin, params_field=f"--param {name}.per_layer")
 
 
 def resolve_plugin(manager: PluginManager, stage: str, name: str, params: Mapping[str, Any], where: str) -> ResolvedPlugin:

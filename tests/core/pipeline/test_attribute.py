@@ -453,3 +453,16 @@ def test_cli_errors_name_the_flag_once_and_fit_on_one_line(world, tmp_path, caps
         main(["attribute", "--budget", "x", *common])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "invalid int value: 'x'" in err
+
+
+def test_per_layer_wraps_a_decomposer_from_the_cli(world, tmp_path, capsys) -> None:
+    """The README says every decomposer works in `unmerge attribute`; per-layer needed manifest syntax."""
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "--base", str(world["base"]), "--dictionary", str(world["dict"]), "--output-dir",
+                         str(out), "--decomposer", "nnls", "--param", "nnls.per_layer=true", str(world["merged"]))
+    assert rc == 0, err
+    result = result_of(out, "merged", "nnls/per-layer")
+    assert {s["skill"] for s in result["skills"]} == set(MERGE)
+    rc, _, err = run_cli(capsys, "--dictionary", str(world["dict"]), "--output-dir", str(out), "--decomposer",
+                         "per-layer", str(world["outsider"]))
+    assert "--param NAME.per_layer=true" in one_line_error(rc, err)
