@@ -184,3 +184,29 @@ def test_a_mask_too_small_for_the_test_is_refused() -> None:
     groups = {f"m{i}": slice(2 * i, 2 * i + 2) for i in range(MODULES)}
     with pytest.raises(ValueError, match="too small for the test.*at least 36 coordinates per module"):
         decompose(small, 0.6 * small[:, 0] + 0.4 * small[:, 1], groups)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_leave_out_inverses_from_the_full_inverse_equal_pseudo_inverses(monkeypatch, seed) -> None:
+    """The calibration's leave-skills-out Grams are inverted through the full inverse (Schur complement);
+    the null it gives equals the one from a pseudo-inverse per pseudo-target."""
+    from unmerge_plugins.lib import skill_test
+
+    d, retrained, _, groups = world(seed, shared=0.3)
+    both = np.concatenate([d, retrained], axis=1)
+    fast = skill_test.calibrate(both, groups, atom_names=[f"x{j}" for j in range(both.shape[1])])
+    monkeypatch.setattr(skill_test, "_well_conditioned_inverse", lambda C: None)
+    slow = skill_test.calibrate(both, groups, atom_names=[f"x{j}" for j in range(both.shape[1])])
+    np.testing.assert_allclose(fast.delta, slow.delta, rtol=1e-9, atol=1e-12)
+    assert fast.delta_global == pytest.approx(slow.delta_global, rel=1e-9)
+    np.testing.assert_allclose(fast.relation, slow.relation, rtol=1e-9, atol=1e-12)
+
+
+def test_near_duplicate_skills_take_the_pseudo_inverse() -> None:
+    from unmerge_plugins.lib.skill_test import _well_conditioned_inverse
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 50, 3))
+    x[..., 2] = x[..., 0]
+    assert _well_conditioned_inverse(np.einsum("uik,uil->ukl", x, x)) is None
+    assert _well_conditioned_inverse(np.einsum("uik,uil->ukl", x[..., :2], x[..., :2])) is not None
