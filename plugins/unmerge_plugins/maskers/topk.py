@@ -198,17 +198,19 @@ class TopKFold:
         if block.shape[0] > self.acc.shape[0]:  # blocks larger than BLOCK_ROWS: grow the buffers
             self.acc = torch.empty((block.shape[0], self.shape[1]))
             self.part = torch.empty_like(self.acc)
-        rows = self.acc[: block.shape[0]]
-        part = rows if adapter == 0 else self.part[: block.shape[0]]
-        torch.abs(block, out=part)
+        # numpy's element-wise kernels (the same IEEE operations, so the same float32 numbers): about
+        # twice as fast as torch's single-threaded ones on blocks this size
+        rows = self.acc[: block.shape[0]].numpy()
+        part = rows if adapter == 0 else self.part[: block.shape[0]].numpy()
+        np.abs(block.numpy(), out=part)
         if self.how == "l2":
-            part.square_()
+            np.square(part, out=part)
         if adapter == 0:
             return
         if self.how == "max":
-            torch.maximum(rows, part, out=rows)
+            np.maximum(rows, part, out=rows)
         else:
-            rows.add_(part)
+            np.add(rows, part, out=rows)
 
     def candidates(self, start: int, stop: int) -> np.ndarray:
         if self.everything:
@@ -222,8 +224,10 @@ class TopKFold:
             self.whole[start:stop].copy_(self.acc[: stop - start])
             return np.arange(start * self.shape[1], stop * self.shape[1], dtype=np.int64)
         if self.bound is not None:
-            # an entry equal to the bound comes after the tied ones kept (higher index): it never wins
-            chosen = torch.nonzero(flat > self.bound).reshape(-1)
+            # an entry equal to the bound comes after the tied ones kept (higher index): it never wins.
+            # numpy's compare and flatnonzero: 8x faster than torch's on a 0-d bound (0.12 vs 0.9 ms)
+            above = np.flatnonzero(flat.numpy() > np.float32(self.bound.item()))
+            chosen = torch.from_numpy(above)
         elif flat.numel() > self.k:  # before there are k candidates: the rows' own top k
             chosen = top_k_positions(flat, self.k)
         else:
