@@ -142,7 +142,7 @@ class LoraAdapter:
         self.modules = self._index()
         # the byte ranges of the factors, read from the header again if the file is replaced
         self._entries: dict[str, TensorEntry] = {}
-        self._entries_identity: tuple[int, int, int] | None = None
+        self._entries_identity: tuple[int, int, int, int] | None = None
         self._entries_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # a lock does not cross processes
@@ -255,11 +255,15 @@ class LoraAdapter:
         descriptor = os.open(self.weights_path, os.O_RDONLY)
         try:
             stat = os.fstat(descriptor)
-            identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            # ctime too: a rewrite in place that restores the mtime (cp -p, rsync --inplace -t) changes it
+            identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
             with self._entries_lock:
                 if identity != self._entries_identity:
                     self._entries, self._entries_identity = safetensors_entries(self.weights_path), identity
                 entries = self._entries
+            missing = [key for key in (info.key_a, info.key_b) if key not in entries]
+            if missing:
+                raise ValueError(f"the file changed since it was indexed: it has no tensor {missing[0]}")
             a, b = (read_entry(descriptor, entries[key]).to(torch.float32) for key in (info.key_a, info.key_b))
         finally:
             os.close(descriptor)

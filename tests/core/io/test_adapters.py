@@ -185,3 +185,33 @@ def test_fan_in_fan_out_that_peft_would_override_is_refused(base_and_adapter, tm
         with pytest.raises(UnmergeError, match=message) as info:
             check_orientation(adapters, model_type)
         assert "\n" not in str(info.value)
+
+
+def test_in_place_rewrite_keeping_the_mtime_is_read_anew(tmp_path) -> None:
+    """cp -p / rsync --inplace -t rewrite a file and restore its mtime: byte ranges cached from the old
+    header must not be reused (found by a review: with A and B swapped in the file, A came out as B)."""
+    import os
+    import struct
+
+    from helpers import write_lora
+
+    directory = write_lora(tmp_path / "a", {"model.q": (6, 6)}, rank=6, seed=0)  # A and B both 6 × 6
+    weights = directory / "adapter_model.safetensors"
+    adapter = LoraAdapter(directory)
+    old_a, old_b = adapter.factors("model.q")
+    stat = weights.stat()
+    raw = weights.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    key_a, key_b = (next(k for k in header if f"lora_{ab}" in k) for ab in "AB")
+    header[key_a]["data_offsets"], header[key_b]["data_offsets"] = header[key_b]["data_offsets"], header[key_a]["data_offsets"]
+    packed = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    data = bytearray(raw[8 + n:])
+    (sa, ea), (sb, eb) = header[key_a]["data_offsets"], header[key_b]["data_offsets"]
+    data[sa:ea], data[sb:eb] = (2 * old_a).numpy().tobytes(), (3 * old_b).numpy().tobytes()
+    with open(weights, "r+b") as fh:  # the same inode and size; the mtime restored below
+        fh.write(raw[:8] + packed + bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    new_a, new_b = adapter.factors("model.q")
+    torch.testing.assert_close(new_a, 2 * old_a)
+    torch.testing.assert_close(new_b, 3 * old_b)

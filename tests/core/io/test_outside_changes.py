@@ -84,3 +84,21 @@ def test_tensors_that_are_not_lora_factors_are_warned(world, tmp_path) -> None:
     save_file(tensors, copy / "adapter_model.safetensors")
     _, warnings = TargetReader(world["mask"]).adapter_vector(LoraAdapter(copy))
     assert any("not LoRA factors" in w and ".bias" in w for w in warnings)
+
+
+def test_rounding_outside_the_dictionary_is_not_a_change(world, tmp_path) -> None:
+    """A linear merge of models equal outside the dictionary rounds those tensors by an ulp
+    (0.3·x + 0.7·x ≠ x), and a bf16 copy rounds every weight: neither is a change (found by a review)."""
+    def average(state):
+        for key in state:
+            if "self_attn" not in key:
+                state[key] = 0.3 * state[key] + 0.7 * state[key]
+
+    def to_bf16(state):
+        for key in state:
+            state[key] = state[key].to(torch.bfloat16)
+
+    base = Checkpoint(world["base"])
+    for edit, name in ((average, "avg"), (to_bf16, "bf16")):
+        target = model_with(world["merged"], edit, tmp_path / name)
+        assert changed_outside(base, Checkpoint(target), world["mask"].modules) == [], name
