@@ -346,36 +346,58 @@ def _natural_key(name: str) -> list[object]:
 
 
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-"""``config.json`` model types whose adapted layers are ``transformers`` ``Conv1D`` (weights stored
-(in, out)): PEFT uses ``fan_in_fan_out = true`` on them whatever the adapter's config says, and
-``false`` on ``nn.Linear`` layers (every other model), with a warning when the config disagrees."""
+"""``config.json`` model types whose adaptable layers are all ``transformers`` ``Conv1D`` (weights
+stored (in, out)): PEFT uses ``fan_in_fan_out = true`` on them whatever the adapter's config says."""
+
+LINEAR_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
+    "gemma3_text", "phi", "phi3", "gpt_neox", "gptj", "gpt_neo", "falcon", "opt", "bloom", "olmo", "olmo2",
+    "starcoder2", "stablelm", "cohere", "granite", "deepseek_v2", "deepseek_v3", "bert", "roberta", "t5"})
+"""Model types whose adaptable layers are all ``nn.Linear``: PEFT uses ``fan_in_fan_out = false`` there
+(and warns when a config says otherwise). A type in neither set, or a composite model (an encoder-
+decoder whose parts differ), decides nothing: only adapters that disagree with each other are refused."""
 
 
-def check_orientation(adapters: Sequence[LoraAdapter], model_type: str | None) -> None:
+def check_orientation(adapters: Sequence[LoraAdapter], model_types: Sequence[str] = ()) -> None:
     """Refuse adapters whose ``fan_in_fan_out`` PEFT would override for this base, or that disagree.
 
     PEFT ignores the flag where it does not fit the layer, so ΔW of such an adapter is ``B·A`` where
     its config says ``(B·A)ᵀ`` (or the reverse): on a square module nothing else would catch it, and
-    the attribution would compare transposed matrices. ``model_type`` is the base's ``config.json``
-    ``model_type`` (``None`` when unknown: then only adapters that disagree with each other are refused).
+    the attribution would compare transposed matrices. ``model_types``: every ``model_type`` in the
+    base's ``config.json`` (nested ones of a composite model included; empty when unknown).
     """
-    if model_type is not None:
-        conv1d = model_type in CONV1D_MODEL_TYPES
+    types = set(model_types)
+    if types and (types <= CONV1D_MODEL_TYPES or types <= LINEAR_MODEL_TYPES):
+        conv1d = types <= CONV1D_MODEL_TYPES
         for adapter in adapters:
             if adapter.fan_in_fan_out != conv1d:
                 layers = "transformers Conv1D" if conv1d else "nn.Linear"
                 raise UnmergeError(
                     f"{adapter.path / ADAPTER_CONFIG}: fan_in_fan_out = {str(adapter.fan_in_fan_out).lower()}, but "
-                    f"the base model ({model_type}) has {layers} layers, where PEFT uses fan_in_fan_out = "
-                    f"{str(conv1d).lower()} and ignores the config (ΔW would be transposed): set it to "
-                    f"{str(conv1d).lower()}")
+                    f"the base model ({', '.join(sorted(types))}) has {layers} layers, where PEFT uses "
+                    f"fan_in_fan_out = {str(conv1d).lower()} and ignores the config (ΔW would be transposed): "
+                    f"set it to {str(conv1d).lower()}")
         return
     flagged = [a for a in adapters if a.fan_in_fan_out]
     plain = [a for a in adapters if not a.fan_in_fan_out]
     if flagged and plain:
+        which = (f"the base model ({', '.join(sorted(types))}) does not tell which is right" if types
+                 else "pass the base model (--base) or fix the adapter_config.json that is wrong")
         raise UnmergeError(f"adapters disagree on fan_in_fan_out ({flagged[0].name} sets it, {plain[0].name} does "
-                           "not): one's ΔW is the transpose of the other's layout; pass the base model (--base) or "
-                           "fix the adapter_config.json that is wrong")
+                           f"not): one's ΔW is the transpose of the other's layout; {which}")
+
+
+def model_types(config: Any) -> list[str]:
+    """Every ``model_type`` in a ``config.json`` object, nested sub-configs included (an encoder-decoder
+    names its encoder's and decoder's)."""
+    found: list[str] = []
+    if isinstance(config, dict):
+        if isinstance(config.get("model_type"), str):
+            found.append(config["model_type"])
+        for value in config.values():
+            if isinstance(value, dict):
+                found += model_types(value)
+    return found
 
 
 def common_modules(adapters: list[LoraAdapter]) -> list[str]:

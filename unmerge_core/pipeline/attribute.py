@@ -11,6 +11,7 @@ from the ``reconstruction`` and ``unique-share`` metrics, which run with or with
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +25,7 @@ from unmerge_core.config.manifest import PER_LAYER_PLUGIN
 from unmerge_core.config.registry import Registry
 from unmerge_core.config.targets import Truth, detect_kind, read_mergekit_truth, read_truth_json, truth_group
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
-from unmerge_core.io.adapters import LoraAdapter, check_orientation, common_modules, dropped_modules
+from unmerge_core.io.adapters import LoraAdapter, check_orientation, common_modules, dropped_modules, model_types
 from unmerge_core.io.checkpoints import Checkpoint
 from unmerge_core.io.masks import masked_vector
 from unmerge_core.io.store import check_output_dir, derive_seed, to_jsonable
@@ -217,9 +218,7 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
         truths[name] = read_truth_json(text)
 
     adapter_targets = [LoraAdapter(path, name) for name, path in request.targets if kinds[name] == "adapter"]
-    config = base.config() if base is not None else None
-    model_type = config.get("model_type") if config is not None else None
-    check_orientation([*adapters, *adapter_targets], model_type if isinstance(model_type, str) else None)
+    check_orientation([*adapters, *adapter_targets], model_types(base_config(request.base)))
     message = intersection_warning(adapters)
     if message:
         warn(message)
@@ -385,6 +384,18 @@ def _with_threshold(manager: PluginManager, metric: str, params: Mapping[str, An
     if "threshold" in spec.params.model_fields and "threshold" not in out:
         out["threshold"] = threshold
     return out
+
+
+def base_config(path: Path | None) -> dict[str, Any] | None:
+    """The base model's ``config.json`` (next to the weights), whether or not its tensors are read."""
+    if path is None:
+        return None
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def resolve_decomposer(manager: PluginManager, name: str, params: Mapping[str, Any]) -> ResolvedPlugin:
