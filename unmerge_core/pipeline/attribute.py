@@ -402,8 +402,9 @@ def resolve_decomposer(manager: PluginManager, name: str, params: Mapping[str, A
     """A ``--decomposer``; ``--param NAME.per_layer=true`` (or a JSON object of the ``per-layer``
     plugin's parameters) wraps it per layer, as ``per_layer`` does on a manifest's decomposer entry."""
     params = dict(params)
+    given = "per_layer" in params
     per_layer = params.pop("per_layer", None)
-    if per_layer is not None and not isinstance(per_layer, (bool, dict)):
+    if given and not isinstance(per_layer, (bool, dict)):
         raise UnmergeError(f"--param {name}.per_layer: expected true, false or a JSON object of the per-layer "
                            f"plugin's parameters (got {per_layer!r})")
     if name == PER_LAYER_PLUGIN:
