@@ -108,7 +108,10 @@ def coefficient_heatmap(path: Path, table: ResultTable, decomposer: str) -> Path
     label_y = (bottom - 0.05) / height
     for panel, (ax, data, title) in enumerate(((axes[0], truth, "true weights"),
                                                (axes[1], found, f"{decomposer} coefficients"))):
-        im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        if data.size:
+            im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        else:  # no atoms (or no rows): an empty panel that says so (imshow warns on an empty image)
+            ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
         x0 = left + panel * (panel_w + gap)
@@ -119,8 +122,9 @@ def coefficient_heatmap(path: Path, table: ResultTable, decomposer: str) -> Path
     for i, name in enumerate(row_names):
         y = bottom + panel_h * (1 - (i + 0.5) / len(row_names))  # row 0 at the top, as imshow draws it
         fig.text((left - 0.05) / width, y / height, name, ha="right", va="center", fontsize=ROW_FONT)
-    cax = fig.add_axes(((width - right + 0.2) / width, bottom / height, 0.15 / width, panel_h / height))
-    fig.colorbar(im, cax=cax)
+    if truth.size:
+        cax = fig.add_axes(((width - right + 0.2) / width, bottom / height, 0.15 / width, panel_h / height))
+        fig.colorbar(im, cax=cax)
     fig.savefig(path, dpi=110, pil_kwargs=PNG_OPTIONS)
     plt.close(fig)
     return path

@@ -44,6 +44,10 @@ def test_names_are_cut_in_the_middle() -> None:
     assert _short("mixed-ties-07") == "mixed-ties-07"
 
 
-def test_a_dictionary_without_atoms_draws(tmp_path) -> None:
-    png = coefficient_heatmap(tmp_path / "h.png", heatmap_table(["t0", "t1"], ()), "nnls")
+def test_a_dictionary_without_atoms_draws_without_warnings(tmp_path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        png = coefficient_heatmap(tmp_path / "h.png", heatmap_table(["t0", "t1"], ()), "nnls")
     assert imread(png).shape[0] > 0
