@@ -246,15 +246,14 @@ class LoraAdapter:
         return a, b
 
     def _read_factors(self, info: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lora_A, lora_B)`` of one module as stored, float32, by two positioned reads.
+        """``(lora_A, lora_B)`` of one module as stored, float32, by two reads of their byte ranges.
 
         The header's byte ranges are parsed once per file version (opening the file with
         ``safe_open`` per module parsed it every time: most of the cost of a read), and no memory
         map is kept, so the pages read do not count in the process's memory.
         """
-        descriptor = os.open(self.weights_path, os.O_RDONLY)
-        try:
-            stat = os.fstat(descriptor)
+        with open(self.weights_path, "rb", buffering=0) as fh:
+            stat = os.fstat(fh.fileno())
             # ctime too: a rewrite in place that restores the mtime (cp -p, rsync --inplace -t) changes it
             identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
             with self._entries_lock:
@@ -264,9 +263,7 @@ class LoraAdapter:
             missing = [key for key in (info.key_a, info.key_b) if key not in entries]
             if missing:
                 raise ValueError(f"the file changed since it was indexed: it has no tensor {missing[0]}")
-            a, b = (read_entry(descriptor, entries[key]).to(torch.float32) for key in (info.key_a, info.key_b))
-        finally:
-            os.close(descriptor)
+            a, b = (read_entry(fh, entries[key]).to(torch.float32) for key in (info.key_a, info.key_b))
         delta_shape = (int(b.shape[0]), int(a.shape[1])) if a.dim() == b.dim() == 2 else None
         if self.fan_in_fan_out and delta_shape is not None:
             delta_shape = delta_shape[::-1]

@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -313,9 +313,9 @@ def safetensors_layout(file: Path) -> dict[str, tuple[int, int]]:
     return {key: (entry.start, entry.end) for key, entry in safetensors_entries(file).items()}
 
 
-def read_entry(descriptor: int, entry: TensorEntry) -> torch.Tensor:
-    """One float tensor of an open safetensors file, read with one positioned read into a buffer of
-    its own (no memory map: the pages read are not kept mapped in the process), in its stored dtype."""
+def read_entry(fh: BinaryIO, entry: TensorEntry) -> torch.Tensor:
+    """One float tensor of an open safetensors file (unbuffered, binary), read into a buffer of its own
+    (no memory map: the pages read are not kept mapped in the process), in its stored dtype."""
     torch_dtype = _FROM_SAFETENSORS.get(entry.dtype)
     if torch_dtype is None:
         raise ValueError(f"dtype {entry.dtype} is not a float type")
@@ -323,11 +323,16 @@ def read_entry(descriptor: int, entry: TensorEntry) -> torch.Tensor:
     numel = int(np.prod(entry.shape, dtype=np.int64))
     if length != numel * torch.empty(0, dtype=torch_dtype).element_size():
         raise ValueError(f"{length} bytes do not hold a {entry.dtype} tensor of shape {list(entry.shape)}")
-    buffer = bytearray(length)
-    if length and os.preadv(descriptor, [buffer], entry.start) != length:
-        raise ValueError("the file ends before the tensor")
     if not length:
         return torch.zeros(entry.shape, dtype=torch_dtype)
+    buffer = bytearray(length)
+    view, done = memoryview(buffer), 0
+    fh.seek(entry.start)
+    while done < length:  # one read per 2 GB at most (what a read system call returns at a time)
+        got = fh.readinto(view[done:])
+        if not got:
+            raise ValueError("the file ends before the tensor")
+        done += got
     return torch.frombuffer(buffer, dtype=torch_dtype).reshape(entry.shape)
 
 
