@@ -23,7 +23,14 @@ import numpy as np
 
 from unmerge_core.config.manifest import PER_LAYER_PLUGIN
 from unmerge_core.config.registry import Registry
-from unmerge_core.config.targets import Truth, detect_kind, read_mergekit_truth, read_truth_json, truth_group
+from unmerge_core.config.targets import (
+    TASK_ARITHMETIC_METHODS,
+    Truth,
+    detect_kind,
+    read_mergekit_truth,
+    read_truth_json,
+    truth_group,
+)
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
 from unmerge_core.io.adapters import LoraAdapter, check_orientation, common_modules, dropped_modules, model_types
 from unmerge_core.io.checkpoints import Checkpoint
@@ -237,8 +244,9 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
         vector, target_warnings = reader.vector(path, kinds[name], name, allow_pickle=request.allow_pickle)
         for w in target_warnings:
             warn(w)
-        if kinds[name] == "model" and (path / "mergekit_config.yml").is_file() and name not in truths:
-            echo(f"note: target {name} holds mergekit_config.yml; pass --truth {name}={path / 'mergekit_config.yml'} "
+        recipe = path / "mergekit_config.yml"
+        if kinds[name] == "model" and recipe.is_file() and name not in truths and recipe_has_truth(recipe):
+            echo(f"note: target {name} holds mergekit_config.yml; pass --truth {name}={recipe} "
                  "to score it against its recipe")
         truth = truths.get(name)
         group = truth_group(truth, tuple(skill_of.values()))
@@ -384,6 +392,18 @@ def _with_threshold(manager: PluginManager, metric: str, params: Mapping[str, An
     if "threshold" in spec.params.model_fields and "threshold" not in out:
         out["threshold"] = threshold
     return out
+
+
+def recipe_has_truth(recipe: Path) -> bool:
+    """Whether a mergekit recipe's method states each constituent's coefficient (``--truth`` reads it)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    method = data.get("merge_method") if isinstance(data, dict) else None
+    return method == "linear" or method in TASK_ARITHMETIC_METHODS
 
 
 def base_config(path: Path | None) -> dict[str, Any] | None:

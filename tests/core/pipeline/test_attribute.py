@@ -466,3 +466,19 @@ def test_per_layer_wraps_a_decomposer_from_the_cli(world, tmp_path, capsys) -> N
     rc, _, err = run_cli(capsys, "--dictionary", str(world["dict"]), "--output-dir", str(out), "--decomposer",
                          "per-layer", str(world["outsider"]))
     assert "--param NAME.per_layer=true" in one_line_error(rc, err)
+
+
+def test_the_recipe_note_only_for_methods_with_stated_coefficients(world, tmp_path, capsys) -> None:
+    """The note suggesting --truth with the folder's mergekit_config.yml is given only where --truth can
+    read it (a slerp recipe is refused by --truth)."""
+    import yaml
+
+    from unmerge_core.pipeline.attribute import recipe_has_truth
+
+    recipe = tmp_path / "mergekit_config.yml"
+    for method, expected in (("linear", True), ("ties", True), ("task_arithmetic", True), ("slerp", False),
+                             ("model_stock", False)):
+        recipe.write_text(yaml.safe_dump({"merge_method": method, "models": []}))
+        assert recipe_has_truth(recipe) is expected, method
+    recipe.write_text("{not yaml: [")
+    assert recipe_has_truth(recipe) is False
