@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from unmerge_plugins.lib.gram import nnls_gram
 
@@ -215,6 +216,9 @@ class Calibration:
         return len(self.units)
 
 
+PROGRESS_FROM = 2000
+"""Pseudo-targets from which the calibration shows a progress bar (on a terminal only)."""
+
 _CONDITION = 1e-5
 """Smallest eigenvalue, relative to the largest, of every unit's skill Gram for the leave-out inverses
 to come from the full inverse (:func:`_kept_inverses`); below it each pseudo-target takes a pseudo-inverse.
@@ -298,7 +302,12 @@ def calibrate(D: np.ndarray, slices: Mapping[str, slice], groups: Mapping[str, S
     samples: list[list[float]] = [[] for _ in range(K)]
     relation = np.full((K, K), np.nan)
     n_pseudo = 0
-    for size in range(1, min(max_removed, K - 1) + 1):
+    sizes = range(1, min(max_removed, K - 1) + 1)
+    planned = sum(min(_n_choose(K, size), max_pseudo if size > 1 else K) for size in sizes)
+    # seconds for a large dictionary: a bar on a terminal (none in logs and tests), closed with the loop
+    progress = tqdm(total=planned, desc="skill-fdr: calibrating the dictionary's null", unit="pseudo-target",
+                    leave=False, disable=None if planned >= PROGRESS_FROM else True)
+    for size in sizes:
         subsets: Iterable[tuple[int, ...]] = itertools.combinations(range(K), size)
         if size > 1 and _n_choose(K, size) > max_pseudo:
             subsets = {tuple(sorted(rng.choice(K, size, replace=False).tolist())) for _ in range(max_pseudo)}
@@ -316,10 +325,12 @@ def calibrate(D: np.ndarray, slices: Mapping[str, slice], groups: Mapping[str, S
             inverse = _kept_inverses(full_inverse, keep, list(removed)) if full_inverse is not None else None
             ms = partial_correlations(Ck, cy, yy, inverse).mean(axis=0)
             n_pseudo += 1
+            progress.update()
             for i, k in enumerate(keep):
                 samples[k].append(float(ms[i]))
                 if size == 1:
                     relation[k, removed[0]] = ms[i]
+    progress.close()
     if K < 2:  # nothing to leave out: a point null (no relatedness allowance)
         return Calibration(D, skill_names, gl, units, grams, W, C, np.zeros(K), 0.0, relation, 0, 0,
                            "point null E[m_s] <= 0 (a one-skill dictionary cannot be calibrated), t_{U-1}, BH")
