@@ -175,15 +175,7 @@ class Checkpoint:
 
     def config(self) -> dict[str, Any] | None:
         """``config.json`` next to the weights, when there is one."""
-        directory = self.path if self.path.is_dir() else self.path.parent
-        cfg = directory / "config.json"
-        if not cfg.is_file():
-            return None
-        try:
-            data = json.loads(cfg.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            return None
-        return data if isinstance(data, dict) else None
+        return model_config(self.path)
 
     def module_key(self, module: str) -> str | None:
         """The tensor holding ``module``'s weight (``<module>.weight``, with or without a ``model.`` prefix)."""
@@ -266,6 +258,17 @@ class Checkpoint:
         if self.dtypes[key] == "BF16":  # bfloat16 = the upper half of a float32
             raw = (raw.astype("<u4") << 16).view("<f4")
         return raw.astype(np.float64)
+
+
+def model_config(path: Path) -> dict[str, Any] | None:
+    """The ``config.json`` object next to a model's weights (``path``: its folder or a weights file),
+    or ``None`` when there is none or it is not a readable JSON object; no tensor is read."""
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 @dataclass(frozen=True)

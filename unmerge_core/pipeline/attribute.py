@@ -11,7 +11,6 @@ from the ``reconstruction`` and ``unique-share`` metrics, which run with or with
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +32,7 @@ from unmerge_core.config.targets import (
 )
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
 from unmerge_core.io.adapters import LoraAdapter, check_orientation, common_modules, dropped_modules, model_types
-from unmerge_core.io.checkpoints import Checkpoint
+from unmerge_core.io.checkpoints import Checkpoint, model_config
 from unmerge_core.io.masks import masked_vector
 from unmerge_core.io.store import check_output_dir, derive_seed, to_jsonable
 from unmerge_core.io.target_reader import TargetReader, target_deltas
@@ -225,7 +224,8 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
         truths[name] = read_truth_json(text)
 
     adapter_targets = [LoraAdapter(path, name) for name, path in request.targets if kinds[name] == "adapter"]
-    check_orientation([*adapters, *adapter_targets], model_types(base_config(request.base)))
+    base_types = model_types(model_config(request.base)) if request.base is not None else []
+    check_orientation([*adapters, *adapter_targets], base_types)
     message = intersection_warning(adapters)
     if message:
         warn(message)
@@ -404,18 +404,6 @@ def recipe_has_truth(recipe: Path) -> bool:
         return False
     method = data.get("merge_method") if isinstance(data, dict) else None
     return method == "linear" or method in TASK_ARITHMETIC_METHODS
-
-
-def base_config(path: Path | None) -> dict[str, Any] | None:
-    """The base model's ``config.json`` (next to the weights), whether or not its tensors are read."""
-    if path is None:
-        return None
-    cfg = (path if path.is_dir() else path.parent) / "config.json"
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def resolve_decomposer(manager: PluginManager, name: str, params: Mapping[str, Any]) -> ResolvedPlugin:
