@@ -245,7 +245,7 @@ def _kept_inverses(full_inverse: np.ndarray, keep: Sequence[int], removed: Seque
     return p_kk - np.matmul(p_kr, np.linalg.solve(p_rr, np.swapaxes(p_kr, 1, 2)))
 
 
-def _check_units(units: Sequence[tuple[str, slice]], skills: int, modules: int, bands: int) -> None:
+def _check_units(units: Sequence[tuple[str, slice]], skills: int, bands: int) -> None:
     """Refuse a mask too small for the test: each unit's regression on all skills needs a few more
     coordinates than skills, or every partial correlation is an exact fit (1) or undefined, and the
     verdict would be noise (a 16-coordinate mask called an exact merge not-explained)."""
@@ -288,7 +288,7 @@ def calibrate(D: np.ndarray, slices: Mapping[str, slice], groups: Mapping[str, S
     gl = [list(groups[s]) for s in skill_names]
     K = len(gl)
     units = make_units(slices, n, bands)
-    _check_units(units, K, len(slices), bands)
+    _check_units(units, K, bands)
     grams = grams or UnitGrams.from_vectors(D, units)
     W = _skill_transform(grams, gl)
     C = np.einsum("uak,uab,ubl->ukl", W, grams.G, W)
