@@ -3,7 +3,8 @@
 A :class:`Checkpoint` indexes the tensor names and shapes of a model directory from the safetensors
 headers only: a single ``model.safetensors``, a sharded checkpoint with
 ``model.safetensors.index.json`` (its ``weight_map`` says which shard holds which tensor), or any other
-``*.safetensors`` files in the directory. :meth:`Checkpoint.tensor` opens the one file that holds a
+``*.safetensors`` files in the directory. A folder holding both a ``model.safetensors`` and an index is
+read from ``model.safetensors``, the file transformers' ``from_pretrained`` loads. :meth:`Checkpoint.tensor` opens the one file that holds a
 tensor, copies that tensor out and closes the file again, so reading a model module by module keeps
 one module in memory (and no memory-mapped shard stays resident) whatever the model size.
 
@@ -89,16 +90,19 @@ class Checkpoint:
             raise UnmergeError(f"{p}: not a checkpoint file (expected .safetensors)")
         if not p.is_dir():
             raise UnmergeError(f"{p}: no such file or directory")
-        if (p / SAFE_INDEX).is_file():
-            return self._index_files(p / SAFE_INDEX)
+        # transformers' precedence (modeling_utils._get_resolved_checkpoint_files, 5.x): the single
+        # file before the index, safetensors before pickle, so a folder holding both is read as
+        # from_pretrained loads it
         if (p / SAFE_WEIGHTS).is_file():
             return [p / SAFE_WEIGHTS]
+        if (p / SAFE_INDEX).is_file():
+            return self._index_files(p / SAFE_INDEX)
         others = sorted(f for f in p.glob("*.safetensors") if f.name not in _NOT_MODEL_FILES)
         if others:
             return others
         if (p / PICKLE_INDEX).is_file() or (p / PICKLE_WEIGHTS).is_file():
             self._check_pickle_allowed(p / PICKLE_WEIGHTS)
-            return self._index_files(p / PICKLE_INDEX) if (p / PICKLE_INDEX).is_file() else [p / PICKLE_WEIGHTS]
+            return [p / PICKLE_WEIGHTS] if (p / PICKLE_WEIGHTS).is_file() else self._index_files(p / PICKLE_INDEX)
         if (p / "adapter_config.json").is_file():
             raise UnmergeError(f"{p}: is a PEFT adapter, not a full model")
         raise UnmergeError(f"{p}: no model weights found (expected {SAFE_WEIGHTS}, {SAFE_INDEX} or *.safetensors)")

@@ -61,3 +61,26 @@ def test_damaged_offsets_and_truncated_files_are_one_line(tmp_path) -> None:
     checkpoint._layouts.clear()
     with pytest.raises(UnmergeError, match="index 256 is out of range"):
         checkpoint.gather("m.weight", torch.tensor([0, 256]))
+
+
+def test_single_file_beside_a_sharded_index_wins_as_in_transformers(tmp_path) -> None:
+    """transformers 5 loads ``model.safetensors`` when a folder also holds an index (and its shards):
+    the attribution must read the same weights (issue 20, item 11)."""
+    single, sharded = torch.ones(4, 4), torch.zeros(4, 4)
+    save_file({"x.weight": single}, str(tmp_path / "model.safetensors"))
+    save_file({"x.weight": sharded}, str(tmp_path / "model-00001-of-00001.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "x.weight": "model-00001-of-00001.safetensors"}}))
+    checkpoint = Checkpoint(tmp_path)
+    assert checkpoint.files == [tmp_path / "model.safetensors"]
+    assert torch.equal(checkpoint.tensor("x.weight"), single)
+
+
+def test_single_pickle_beside_a_pickle_index_wins_as_in_transformers(tmp_path) -> None:
+    torch.save({"x.weight": torch.ones(2, 2)}, tmp_path / "pytorch_model.bin")
+    torch.save({"x.weight": torch.zeros(2, 2)}, tmp_path / "pytorch_model-00001-of-00001.bin")
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+        "x.weight": "pytorch_model-00001-of-00001.bin"}}))
+    checkpoint = Checkpoint(tmp_path, allow_pickle=True)
+    assert checkpoint.files == [tmp_path / "pytorch_model.bin"]
+    assert torch.equal(checkpoint.tensor("x.weight"), torch.ones(2, 2))
