@@ -13,8 +13,10 @@ not an existing local path but has the form of a Hub repository id is fetched wi
   nothing is asked of the network: a reference must already be in the cache;
 - a repository with only pickle weights (``pytorch_model.bin``) is refused unless the caller allows
   pickle (``--allow-pickle``); the ``.bin`` files are then fetched and read with ``weights_only=True``;
-- every failure (no such repository or revision, not cached while offline, a partial snapshot) is one
-  line naming the reference.
+- a branch or tag is read from the cache's ``refs/`` only when it holds a commit hash (40 hex
+  characters): a damaged or poisoned ``refs/main`` never leads to a folder outside the cache;
+- every failure (no such repository or revision, not cached while offline, a partial snapshot, a
+  snapshot whose weights were never fetched) is one line naming the reference.
 
 A local path always wins: ``org/model`` that exists on disk is that directory.
 """
@@ -26,11 +28,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from unmerge_core.errors import UnmergeError
+from unmerge_core.errors import UnmergeError, short_repr
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)"
                     r"(?:@(?P<revision>[A-Za-z0-9][A-Za-z0-9._/-]*))?$")
 """``owner/name[@revision]``: the form of a Hub reference (checked before any network access)."""
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+"""The name of a snapshot folder in the Hugging Face cache (a git commit hash)."""
 
 CONFIG_FILES = ("config.json", "adapter_config.json", "generation_config.json")
 SAFETENSORS_FILES = ("*.safetensors", "*.safetensors.index.json")
@@ -109,14 +113,22 @@ def resolve_model_ref(value: str | Path, what: str, *, relative_to: Path | None 
     if ref.revision is not None and ".." in ref.revision.split("/"):
         raise UnmergeError(f"{what} {ref}: a revision may not contain '..'")
     patterns = CONFIG_FILES + SAFETENSORS_FILES + (TOKENIZER_FILES if tokenizer else ())
-    folder = _snapshot(ref, what, patterns, hub_offline(), hub_cache_dir())
+    offline = hub_offline()
+    folder = _snapshot(ref, what, patterns, offline, hub_cache_dir())
     if any(folder.rglob("*.safetensors")):
         return folder
+    if offline and not any(folder.rglob("pytorch_model*.bin")):
+        # offline, a snapshot folder holds what was fetched, not what the repository has: a folder
+        # with its config only says nothing about the repository's weights
+        revision = f"revision '{ref.revision}'" if ref.revision else "its default branch"
+        raise UnmergeError(f"{what} {ref}: the weights are not in the Hugging Face cache ({revision} has only "
+                           "its config files cached) while HF_HUB_OFFLINE is set: fetch it once with "
+                           "network access")
     if not allow_pickle:
         raise UnmergeError(f"{what} {ref}: the repository has no safetensors weights; pickle weights "
                            "(pytorch_model.bin) are refused: pass --allow-pickle to read them with "
                            "torch.load(weights_only=True)")
-    return _snapshot(ref, what, patterns + PICKLE_FILES, hub_offline(), hub_cache_dir())
+    return _snapshot(ref, what, patterns + PICKLE_FILES, offline, hub_cache_dir())
 
 
 def _snapshot(ref: HubRef, what: str, patterns: tuple[str, ...], offline: bool, cache_dir: str | None) -> Path:
@@ -132,8 +144,8 @@ def _snapshot(ref: HubRef, what: str, patterns: tuple[str, ...], offline: bool, 
     )
 
     try:
-        return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=list(patterns),
-                                      cache_dir=cache_dir, local_files_only=offline))
+        folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=list(patterns),
+                                        cache_dir=cache_dir, local_files_only=offline))
     except HFValidationError:
         raise UnmergeError(f"{what} {ref}: no such local path, and not a valid Hub repository id "
                            "(owner/name[@revision])") from None
@@ -158,3 +170,11 @@ def _snapshot(ref: HubRef, what: str, patterns: tuple[str, ...], offline: bool, 
     except HfHubHTTPError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnmergeError(f"{what} {ref}: the Hub refused the download: {first}") from None
+    # the cache names a snapshot by the commit hash a refs/<branch> file holds (read as it is, offline):
+    # anything but <cache>/…/snapshots/<40 hex> would be a folder the cache does not own
+    if folder.parent.name != "snapshots" or not COMMIT_HASH.fullmatch(folder.name):
+        held = str(folder).rsplit(os.sep + "snapshots" + os.sep, 1)[-1]
+        raise UnmergeError(f"{what} {ref}: the Hugging Face cache's refs/{ref.revision or 'main'} of {ref.repo_id} "
+                           f"holds {short_repr(held)}, not a commit hash (40 hex characters); the cache is "
+                           "damaged: delete that refs file and fetch again")
+    return folder

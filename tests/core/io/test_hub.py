@@ -241,3 +241,37 @@ def test_revisions_with_slashes_dotdot_and_moved_branches(offline, tmp_path) -> 
     assert resolve_model_ref("acme/moving", "--base") == first
     (cache / "models--acme--moving" / "refs" / "main").write_text(V1)
     assert resolve_model_ref("acme/moving", "--base") == second
+
+
+def test_a_poisoned_ref_is_refused_not_followed_outside_the_cache(offline, tmp_path, monkeypatch) -> None:
+    """``refs/main`` holding a path instead of a commit hash must not lead outside the cache (issue 20,
+    item 18): only 40 hexadecimal characters are a commit."""
+    cache = tmp_path / "cache"
+    outside = cached_repo(cache, "acme/poisoned", "../../../outside")  # made where the path points
+    assert outside.resolve() == (tmp_path / "outside").resolve()
+    save_file({"x.weight": torch.ones(2, 2)}, str(outside / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with pytest.raises(UnmergeError) as info:
+        resolve_model_ref("acme/poisoned", "--base")
+    message = one_line(info)
+    assert "--base acme/poisoned" in message and "not a commit hash" in message and "refs/main" in message
+    assert "holds '../../../outside'" in message
+    storage = cache / "models--acme--poisoned"
+    (storage / MAIN).mkdir()  # a commit-named folder, but not a snapshot
+    save_file({"x.weight": torch.ones(2, 2)}, str(storage / MAIN / "model.safetensors"))
+    (storage / "refs" / "v1").write_text("../" + MAIN)
+    with pytest.raises(UnmergeError, match="refs/v1 of acme/poisoned holds .*, not a commit hash"):
+        resolve_model_ref("acme/poisoned@v1", "--base")
+
+
+def test_a_snapshot_with_only_its_config_is_reported_as_not_cached(offline, tmp_path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    snapshot = cached_repo(cache, "acme/configonly", MAIN)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    for allow_pickle in (False, True):
+        with pytest.raises(UnmergeError) as info:
+            resolve_model_ref("acme/configonly", "--base", allow_pickle=allow_pickle)
+        message = one_line(info)
+        assert "weights are not in the Hugging Face cache" in message and "HF_HUB_OFFLINE" in message
+        assert "--allow-pickle" not in message
