@@ -5,6 +5,7 @@ Everything a plugin may use is importable from this package; plugins never impor
 (a test enforces it), so the layout behind these names can change without breaking them.
 """
 
+from unmerge_core.config.targets import mergekit_coefficients
 from unmerge_core.devices import DeviceName, DeviceParams, cuda_available, resolve_device
 from unmerge_core.errors import PluginError, UnmergeError, format_validation_error, read_json, read_text
 from unmerge_core.hookspecs import hookimpl
@@ -52,6 +53,7 @@ from unmerge_core.types import (
     TaskInfo,
     Trainer,
     TrainJob,
+    method_coefficients,
     method_task_range,
 )
 
@@ -105,6 +107,8 @@ __all__ = [
     "cuda_available",
     "content_key",
     "derive_seed",
+    "mergekit_coefficients",
+    "method_coefficients",
     "method_task_range",
     "file_lock",
     "format_validation_error",

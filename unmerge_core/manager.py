@@ -27,6 +27,7 @@ from unmerge_core.errors import (  # noqa: F401 - format_validation_error is re-
     plugin_errors,
     short_repr,
 )
+from unmerge_core.io.code import code_identity
 from unmerge_core.io.store import content_key
 from unmerge_core.types import OPTIONAL_MERGER_PARTS, STAGE_NAMES, STAGE_PROTOCOLS, PluginParams, PluginSpec, Stage
 
@@ -308,16 +309,21 @@ class ResolvedPlugin:
         return built
 
     def config(self) -> dict[str, Any]:
-        """What identifies this plugin's work for caching.
+        """What identifies this plugin's work for caching: its name, parameters and code.
 
-        A wrapping plugin adds its parameters under its own name to the wrapped plugin's config
-        (``{"plugin": "nnls", "params": {...}, "per_layer": {...}}``).
+        ``code`` maps the plugin's name to its :func:`~unmerge_core.io.code.code_identity`
+        (distribution, version, a hash of its package's source and of the core's), so a cached
+        artifact is never reused by other code. A wrapping plugin adds its parameters under its own
+        name, and its code beside the wrapped one's
+        (``{"plugin": "nnls", "params": {...}, "code": {"nnls": ..., "per-layer": ...}, "per_layer": {...}}``).
         """
+        code = {self.spec.name: code_identity(self.spec.factory, self.distribution, self.version)}
         if self.inner is not None:
             out = self.inner.config()
             out[self.spec.name.replace("-", "_")] = self.params.model_dump(mode="json")
+            out["code"] = {**out["code"], **code}
             return out
-        return {"plugin": self.spec.name, "params": self.params.model_dump(mode="json")}
+        return {"plugin": self.spec.name, "params": self.params.model_dump(mode="json"), "code": code}
 
 
 def check_protocol(obj: Any, stage: Stage, label: str) -> None:

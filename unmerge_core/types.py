@@ -206,6 +206,9 @@ class MergeJob:
         sources: Which training of each constituent the target was made from: ``""`` for the
             dictionary's own adapter (the default), else the name of a manifest ``[[variants]]``
             entry (an independent retraining, a full fine-tune...). Empty when all are ``""``.
+        coefficients: Each constituent's coefficient in the target's ΔW where the method scales the
+            weights (mergekit's ``lambda`` and ``normalize``: see :func:`method_coefficients`); empty
+            when they are the weights themselves. :attr:`true_weights` is the ground truth metrics score.
     """
 
     target_id: str
@@ -215,9 +218,15 @@ class MergeJob:
     seed: int
     group: str = ""
     sources: tuple[str, ...] = ()
+    coefficients: tuple[float, ...] = ()
 
     def source(self, i: int) -> str:
         return self.sources[i] if self.sources else ""
+
+    @property
+    def true_weights(self) -> tuple[float, ...]:
+        """The ground truth: each constituent's coefficient in the target's ΔW."""
+        return self.coefficients or self.weights
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as plain values (saved with every target; part of the target's cache key)."""
@@ -225,6 +234,8 @@ class MergeJob:
                                "tasks": list(self.tasks), "weights": list(self.weights), "seed": self.seed}
         if any(self.sources):
             out["sources"] = list(self.sources)
+        if self.coefficients:
+            out["coefficients"] = list(self.coefficients)
         return out
 
 
@@ -488,6 +499,25 @@ class LowRankMerger(Merger, Protocol):
 
     def merge_lowrank(self, job: MergeJob, module: str, deltas: Sequence[LowRankDelta],
                       flat_indices: np.ndarray) -> np.ndarray: ...
+
+
+def method_coefficients(merger: Any, job: MergeJob) -> tuple[float, ...]:
+    """The ground truth of a generated target: each constituent's coefficient in its ΔW.
+
+    A merger whose method scales the weights (mergekit's ``lambda``, ``normalize``) says so through an
+    optional ``coefficients(job)`` returning one float per constituent, or ``None`` where the method has
+    no such coefficients (slerp); otherwise, and then, the target's weights are its truth.
+    """
+    coefficients = getattr(merger, "coefficients", None)
+    if coefficients is None:
+        return job.weights
+    out = coefficients(job)
+    if out is None:
+        return job.weights
+    values = tuple(float(c) for c in out)
+    if len(values) != len(job.tasks):
+        raise ValueError(f"coefficients({job.target_id}) gave {len(values)} values for {len(job.tasks)} constituents")
+    return values
 
 
 def method_task_range(merger: Any, method: str) -> tuple[int, int | None]:

@@ -232,17 +232,41 @@ def read_mergekit_truth(path: Path, atoms: Mapping[str, Path]) -> Truth:
         raise UnmergeError(f"{where}: the models' {ZERO_SUM}")
     scale = 1.0
     if method == "linear":
-        total = sum(weights) + (base_weight or 0.0)
         normalize = _flag(shared.get("normalize", True), f"{where}: parameters.normalize")
     else:
-        total = sum(weights)
         normalize = _flag(shared.get("normalize", TASK_ARITHMETIC_METHODS[method]), f"{where}: parameters.normalize")
         scale = _number(shared.get("lambda", 1.0), f"{where}: parameters.lambda")
         if scale == 0:
             raise UnmergeError(f"{where}: parameters.lambda: must be positive (got {shared['lambda']!r})")
+    coefficients = mergekit_coefficients(method, weights, normalize=normalize, lambda_=scale, base_weight=base_weight)
+    assert coefficients is not None  # the method was checked above
+    return Truth(tuple(tasks), coefficients, str(path))
+
+
+def mergekit_coefficients(method: str, weights: Sequence[float], *, normalize: bool, lambda_: float = 1.0,
+                          base_weight: float | None = None) -> tuple[float, ...] | None:
+    """Each constituent's coefficient in the ΔW that mergekit's ``method`` makes from ``weights``.
+
+    The one rule for every ground truth of a mergekit merge (a run's generated targets through the
+    ``mergekit`` merger's ``coefficients``, and ``unmerge attribute --truth recipe.yml``):
+
+    - ``linear``: wᵢ, divided by Σw (plus the base's weight, when the base takes part) with ``normalize``;
+    - the task-arithmetic family (:data:`TASK_ARITHMETIC_METHODS`): λ·wᵢ, divided by Σw with
+      ``normalize`` (per coordinate over the agreeing weights for the sign-consensus methods, so
+      λ·wᵢ/Σw is then an approximation); a negative λ gives negative coefficients (a negation);
+    - ``None`` for any other method: its coefficients are not a function of the weights alone.
+    """
+    if method == "linear":
+        total, scale = sum(weights) + (base_weight or 0.0), 1.0
+    elif method in TASK_ARITHMETIC_METHODS:
+        total, scale = sum(weights), lambda_
+    else:
+        return None
     if normalize:
+        if not total > 0:
+            return None
         scale /= total
-    return Truth(tuple(tasks), tuple(w * scale for w in weights), str(path))
+    return tuple(float(w) * scale for w in weights)
 
 
 def _parameters(value: Any, field: str) -> dict[str, Any]:

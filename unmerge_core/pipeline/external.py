@@ -3,7 +3,7 @@
 Targets without ``truth`` get the group ``external`` (metrics treat it as "no ground truth"); with
 truth, ``known`` / ``mixed`` / ``unknown``. The method column holds the kind (``model`` or
 ``adapter``). Each target's masked ΔW is cached in the run's store, keyed by the files' sizes and
-modification times, the base's and the mask; the attribution report (``attribution.*``) is written
+modification times, the base's, the mask and the core's code; the attribution report (``attribution.*``) is written
 to the run directory.
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 from unmerge_core.config.manifest import Manifest
 from unmerge_core.config.targets import Truth, detect_kind, manifest_model, truth_group
 from unmerge_core.io.checkpoints import Checkpoint
+from unmerge_core.io.code import core_identity
 from unmerge_core.io.masks import mask_digest
 from unmerge_core.io.store import (
     ArtifactStore,
@@ -58,7 +59,8 @@ def score_external_targets(manifest: Manifest, loop: ScoreLoop, mask: Mask, stor
         name = ref.display_name
         kind = detect_kind(path, ref.kind)
         key = content_key("external", kind, str(path.resolve()), _signature(path),
-                          None if base_path is None or kind == "adapter" else _signature(base_path), digest)
+                          None if base_path is None or kind == "adapter" else _signature(base_path), digest,
+                          core_identity())
         vector, warnings = _cached_vector(store, key, reader, path, kind, name)
         for w in warnings:
             warn(w)

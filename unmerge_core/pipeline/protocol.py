@@ -8,11 +8,14 @@ to what its method takes, e.g. exactly 2 for slerp):
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from unmerge_core.config.manifest import Manifest
+from unmerge_core.errors import plugin_errors
 from unmerge_core.io.store import derive_seed
-from unmerge_core.types import MergeJob
+from unmerge_core.types import MergeJob, method_coefficients
 
 
 def generate_targets(manifest: Manifest) -> list[MergeJob]:
@@ -29,18 +32,25 @@ def generate_targets(manifest: Manifest) -> list[MergeJob]:
                 tasks = _draw_tasks(rng, group, known, unknown, lo, hi)
                 weights = _draw_weights(rng, len(tasks), proto.weights)
                 target_id = f"{group}-{method}-{i:02d}"
-                specs.append(
-                    MergeJob(
-                        target_id=target_id,
-                        group=group,
-                        method=method,
-                        tasks=tuple(tasks),
-                        weights=tuple(weights),
-                        seed=derive_seed(manifest.seed, "target", target_id),
-                        sources=_sources(manifest, tasks),
-                    )
+                spec = MergeJob(
+                    target_id=target_id,
+                    group=group,
+                    method=method,
+                    tasks=tuple(tasks),
+                    weights=tuple(weights),
+                    seed=derive_seed(manifest.seed, "target", target_id),
+                    sources=_sources(manifest, tasks),
                 )
+                specs.append(_with_coefficients(manifest, spec))
     return specs
+
+
+def _with_coefficients(manifest: Manifest, spec: MergeJob) -> MergeJob:
+    """``spec`` with its ground truth where its merger scales the weights (``lambda``, ``alpha``...)."""
+    plugin = manifest.merger_for(spec.method)
+    with plugin_errors("merger", plugin.label):
+        coefficients = method_coefficients(plugin.instance(), spec)
+    return spec if coefficients == spec.weights else replace(spec, coefficients=coefficients)
 
 
 def _draw_tasks(

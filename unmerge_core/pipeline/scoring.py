@@ -372,7 +372,7 @@ class ScoreLoop:
 
     def evaluation(self, target: ScoreTarget, label: str, result: Decomposition) -> TargetEvaluation:
         spec = target.spec
-        return TargetEvaluation(spec.target_id, spec.group, spec.method, spec.tasks, spec.weights, self.atom_names,
+        return TargetEvaluation(spec.target_id, spec.group, spec.method, spec.tasks, spec.true_weights, self.atom_names,
                                 read_only(target.vector), result, self.task_vectors, self.categories,
                                 spec if spec.target_id in self._made else None,
                                 self.context, decomposer=label, skills=self.skills)

@@ -62,7 +62,7 @@ class ResultRow:
 
     @property
     def true_weights(self) -> tuple[float, ...]:
-        return self.target.weights
+        return self.target.true_weights
 
     @property
     def coefficients(self) -> list[float]:

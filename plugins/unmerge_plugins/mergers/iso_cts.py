@@ -71,6 +71,10 @@ class IsoCtsMerger:
     def __init__(self, params: IsoCtsParams) -> None:
         self.params = params
 
+    def coefficients(self, job: MergeJob) -> tuple[float, ...]:
+        """The ground truth of ``job``: ``alpha`` scales every constituent's weight."""
+        return tuple(self.params.alpha * w for w in job.weights)
+
     def merge_lowrank(self, job: MergeJob, module: str, deltas: Sequence[LowRankDelta],
                       flat_indices: np.ndarray) -> np.ndarray:
         return iso_cts(deltas, job.weights, self.params, self.params.torch_device()).gather(flat_indices)

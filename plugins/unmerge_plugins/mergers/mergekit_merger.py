@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_serializer
 
-from unmerge_core import DeviceParams, LowRankDelta, MergeJob, PluginSpec, Stage, content_key
+from unmerge_core import DeviceParams, LowRankDelta, MergeJob, PluginSpec, Stage, content_key, mergekit_coefficients
 from unmerge_plugins.lib.elementwise_merge import (
     MASKED_METHODS,
     STATISTICS_METHODS,
@@ -176,6 +176,17 @@ class MergekitMerger:
         """How many constituents ``method`` takes in its input mode (slerp: 2; model_stock: at least 2)."""
         mode = METHOD_FACTS[method].modes[self.mode(method)]
         return mode.min_tasks, mode.max_tasks
+
+    def coefficients(self, job: MergeJob) -> tuple[float, ...] | None:
+        """Each constituent's coefficient in the ΔW of ``job`` (its ground truth): mergekit's rule for the
+        method's resolved ``lambda`` and ``normalize`` (:func:`unmerge_core.mergekit_coefficients`, the
+        rule ``unmerge attribute --truth recipe.yml`` follows too); ``None`` for methods without one."""
+        try:
+            settings = self.settings(job.method).model_dump(by_alias=True)
+        except ValueError:  # parameters that do not fit: check_method reports them at validate time
+            return None
+        return mergekit_coefficients(job.method, job.weights, normalize=bool(settings.get("normalize", False)),
+                                     lambda_=float(settings.get("lambda", 1.0)))
 
     @property
     def base_methods(self) -> frozenset[str]:

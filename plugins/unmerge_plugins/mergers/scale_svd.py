@@ -105,6 +105,10 @@ class ScaleSvdMerger:
     def __init__(self, params: ScaleSvdParams) -> None:
         self.params = params
 
+    def coefficients(self, job: MergeJob) -> tuple[float, ...]:
+        """The ground truth of ``job``: ``alpha`` scales every constituent's weight."""
+        return tuple(self.params.alpha * w for w in job.weights)
+
     def merge_module(self, job: MergeJob, module: str, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
         # the randomized SVD draws from torch's global generator: fix it per (target, module) so a
         # rerun gives the same target, without touching the caller's generator state

@@ -51,6 +51,10 @@ class TallConsensusMerger:
     def __init__(self, params: TallConsensusParams) -> None:
         self.params = params
 
+    def coefficients(self, job: MergeJob) -> tuple[float, ...]:
+        """The ground truth of ``job``: ``alpha`` scales every constituent's weight."""
+        return tuple(self.params.alpha * w for w in job.weights)
+
     def method_tasks(self, method: str) -> tuple[int, int | None]:
         """At least ``k`` constituents: with fewer, no weight reaches the consensus and the target is zero."""
         return self.params.k, None

@@ -60,6 +60,10 @@ class TsvMerger:
     def __init__(self, params: TsvMParams) -> None:
         self.params = params
 
+    def coefficients(self, job: MergeJob) -> tuple[float, ...]:
+        """The ground truth of ``job``: ``alpha`` scales every constituent's weight."""
+        return tuple(self.params.alpha * w for w in job.weights)
+
     def merge_lowrank(self, job: MergeJob, module: str, deltas: Sequence[LowRankDelta],
                       flat_indices: np.ndarray) -> np.ndarray:
         return tsv_m(deltas, job.weights, self.params, self.params.torch_device()).gather(flat_indices)

@@ -390,8 +390,10 @@ def test_manifest_per_layer_validates(write_manifest) -> None:
     assert m.decomposers[2].params == PerLayerOptions(unit="module", combine="vote", vote_threshold=0.6)
     assert isinstance(m.decomposers[1].build(), PerLayerDecomposer)
     # the cache key's inputs are those of the per_layer table before it became a plugin
-    assert m.decomposers[1].config() == {"plugin": "nnls", "params": {"max_iter": None},
-                                         "per_layer": PerLayerOptions().model_dump(mode="json")}
+    config = m.decomposers[1].config()
+    assert set(config.pop("code")) == {"nnls", "per-layer"}  # both plugins' code identify the work
+    assert config == {"plugin": "nnls", "params": {"max_iter": None},
+                      "per_layer": PerLayerOptions().model_dump(mode="json")}
     assert "per_layer" not in m.decomposers[0].config()
     off = load_manifest(per_layer_manifest(write_manifest, '[[decomposers]]\nplugin = "ard"\nper_layer = false\n'))
     assert off.decomposers[1].label == "ard" and off.decomposers[1].inner is None
