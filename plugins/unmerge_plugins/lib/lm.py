@@ -167,8 +167,9 @@ class WeightEditor:
         modules: Names of the linear modules that may be edited (``model.layers.0.self_attn.q_proj``).
 
     :meth:`set_module` / :meth:`set_delta` set ``W = W_base + ΔW`` exactly (from the CPU copy of the
-    base); :meth:`edit` subtracts ``scale · D`` for the duration of a ``with`` block and adds it back
-    afterwards (float32 weights: the round trip changes a weight by at most a few ulps).
+    base); :meth:`edit` subtracts ``scale · D`` for the duration of a ``with`` block and then restores
+    the weights it changed bit for bit from a copy (adding ``scale · D`` back would leave them a few ulps
+    off, and every later score would depend on which edits ran before it in this process).
     """
 
     def __init__(self, model: Any, modules: Sequence[str]) -> None:
@@ -205,8 +206,11 @@ class WeightEditor:
 
     @contextmanager
     def edit(self, deltas: Mapping[str, torch.Tensor], scale: float) -> Iterator[None]:
-        """Within the block, ``W ← W − scale · deltas[m]`` for each module; undone on exit."""
-        applied: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        """Within the block, ``W ← W − scale · deltas[m]`` for each module; the exact ``W`` is back on exit.
+
+        The edited modules' weights are copied to the CPU first (as large as the editor's own base copy
+        of those modules) and copied back afterwards."""
+        saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         try:
             with torch.no_grad():
                 for name, delta in deltas.items():
@@ -214,10 +218,10 @@ class WeightEditor:
                         raise UnmergeError(f"causal-ablation: module {name!r} is not editable")
                     weight = self.params[name]
                     step = delta.to(weight.device, weight.dtype) * scale
+                    saved.append((weight, weight.detach().to("cpu", copy=True)))
                     weight.sub_(step)
-                    applied.append((weight, step))
             yield
         finally:
             with torch.no_grad():
-                for weight, step in reversed(applied):
-                    weight.add_(step)
+                for weight, original in reversed(saved):
+                    weight.copy_(original.to(weight.device))

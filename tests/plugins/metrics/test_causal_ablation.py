@@ -372,3 +372,20 @@ def test_attribute_verify_needs_a_base_and_task_data(adapters, tmp_path) -> None
                                task_names={"nope": "x"})
     with pytest.raises(UnmergeError, match=r"--task nope=\.\.\.: no skill 'nope' in the dictionary"):
         run_attribute(unknown, echo=lambda s: None)
+
+
+def test_a_target_scored_after_others_equals_a_fresh_process(adapters, tmp_path) -> None:
+    """Hostile audit 20.9: resumed after kill -9 in the metric stage, causal_effect / _control / _null_effect
+    differed by ~1e-7 from a clean run: each edit's subtract-then-add-back left the target's weights a few
+    ulps off, so a decomposer scored after another on the same target saw other weights than in a fresh
+    process (the resumed run, whose first decomposer came from the cache). Now bit-identical."""
+    ctx = context(adapters, tmp_path / "warm")
+    warm = CausalAblation(CausalParams(**FAST))
+    warm.compute(evaluation(ctx, [0.5, 0.5, 0.0], decomposer="a"))
+    after_others = warm.compute(evaluation(ctx, [0.31, 0.62, 0.0], decomposer="b"))
+    fresh = CausalAblation(CausalParams(**FAST)).compute(evaluation(context(adapters, tmp_path / "cold"), [0.31, 0.62, 0.0],
+                                                                    decomposer="b"))
+    assert after_others["causal_effect"] is not None and after_others["causal_null_effect"] is not None
+    assert json.dumps(after_others) == json.dumps(fresh)
+    warm_rows = (tmp_path / "warm" / "causal" / "b" / "known-linear-00.json").read_bytes()
+    assert warm_rows == (tmp_path / "cold" / "causal" / "b" / "known-linear-00.json").read_bytes()
