@@ -9,6 +9,7 @@ against that plugin's own model. Any problem raises :class:`UnmergeError` with o
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -168,9 +169,17 @@ class VariantRef(PluginRef):
 
 
 class Output(_Strict):
+    # validated on assignment too: `unmerge run --output-dir` sets dir, and `~` is expanded there as well
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
     dir: str = Field("runs", min_length=1)
     store: str | None = Field(None, min_length=1, description="artifact store shared by several manifests "
                                                              "(default: the run directory)")
+
+    @field_validator("dir", "store")
+    @classmethod
+    def _home(cls, value: str | None) -> str | None:
+        """``~`` and ``~user`` are the home folder, as in the model paths (a literal ``./~`` was made)."""
+        return None if value is None else os.path.expanduser(value)
 
 
 class ExecutorConfig(_Strict):
@@ -440,9 +449,11 @@ def manifest_from_data(raw: dict[str, Any], path: Path, manager: PluginManager |
                                         *[(f"metrics[{i}]", m) for i, m in enumerate(metrics)]], errors)
     output_problem = check_output_dir(Path(file.output.dir) / (file.name or path.stem))
     if output_problem:
-        errors.append(f"{path}: output.dir: {file.output.dir!r} cannot hold the run directory: {output_problem}")
+        errors.append(f"{path}: output.dir: {short_repr(file.output.dir, 80)} cannot hold the run directory: "
+                      f"{output_problem}")
     if file.output.store and (store_problem := check_output_dir(Path(file.output.store))):
-        errors.append(f"{path}: output.store: {file.output.store!r} cannot hold the artifact store: {store_problem}")
+        errors.append(f"{path}: output.store: {short_repr(file.output.store, 80)} cannot hold the artifact store: "
+                      f"{store_problem}")
     if file.executor.kind == "ray" and importlib.util.find_spec("ray") is None:
         errors.append(f"{path}: executor.kind: 'ray' needs Ray, which is not installed: pip install 'unmerge[ray]'")
     if all(mergers):

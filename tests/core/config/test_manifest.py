@@ -10,7 +10,7 @@ from unmerge_core.cli import main
 from unmerge_core.errors import UnmergeError
 from unmerge_core.config.manifest import load_manifest
 
-from helpers import REPO  # noqa: E402
+from helpers import REPO, SYNTHETIC_MANIFEST  # noqa: E402
 
 
 def error_of(path: Path) -> str:
@@ -112,3 +112,18 @@ def test_every_shipped_manifest_validates(manifest: Path) -> None:
 def test_experiments_folder_is_not_empty() -> None:
     names = {p.name for p in (REPO / "experiments").glob("*.toml")}
     assert {"quickstart.toml", "paper.toml"} <= names
+
+
+def test_tilde_in_output_dir_and_store_is_the_home_folder(write_manifest, tmp_path, monkeypatch) -> None:
+    """Issue 20, item 15: model paths expanded ``~``, output.dir / output.store made a literal ``./~/x``."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    text = SYNTHETIC_MANIFEST.replace('dir = "{out}"', 'dir = "~/runs"') + 'store = "~/store"\n'
+    manifest = load_manifest(write_manifest(text))
+    assert manifest.run_dir == home / "runs" / "synthetic-test"
+    assert manifest.store_dir == home / "store"
+    manifest.file.output.dir = "~/elsewhere"  # what `unmerge run --output-dir` does
+    assert manifest.run_dir == home / "elsewhere" / "synthetic-test"
+    assert not (tmp_path / "~").exists()
