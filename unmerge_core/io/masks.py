@@ -115,12 +115,18 @@ def mask_digest(mask: Mask) -> str:
 def masked_vector(adapter: LoraAdapter, mask: Mask) -> np.ndarray:
     """The adapter's ΔW on the mask coordinates (float64), formed from the LoRA factors, never densely.
 
-    Zeros where the adapter does not adapt a mask module. NaN or inf is a one-line error naming the
-    adapter.
+    Zeros where the adapter does not adapt a mask module. A module whose shape is not the mask's (a
+    variant trained on another model, used as a constituent), NaN or inf is a one-line error naming
+    the adapter.
     """
     parts = []
     for module, idx in mask.indices.items():
         if module in adapter.modules:
+            shape, expected = adapter.modules[module].shape, tuple(mask.shapes.get(module, ()))
+            if expected and shape != expected:
+                raise UnmergeError(f"adapter {adapter.name} ({adapter.path}): module {short_repr(module)} has shape "
+                                   f"{shape}, but the mask (made from the dictionary adapters) has {expected}: "
+                                   "every adapter of a run must give a module the dictionary's shape")
             parts.append(adapter.values_at(module, np.asarray(idx)))
         else:
             parts.append(np.zeros(len(idx)))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import write_lora
 
-from unmerge_core.errors import PluginError
+from unmerge_core.errors import PluginError, UnmergeError
 from unmerge_core.io.adapters import LoraAdapter
-from unmerge_core.io.masks import check_mask
+from unmerge_core.io.masks import check_mask, masked_vector
 from unmerge_core.types import Mask
 
 SHAPES = {"layers.0.q": (6, 8), "layers.0.k": (4, 8)}
@@ -55,3 +55,15 @@ def test_a_wrong_mask_is_refused_in_one_line_naming_plugin_and_module(adapters, 
 def test_not_a_mask_or_an_empty_one_is_refused(adapters, mask) -> None:
     with pytest.raises(PluginError, match="returned an empty mask or not a Mask"):
         check_mask(mask, adapters, "bad-masker")
+
+
+def test_an_adapter_whose_module_shape_differs_from_the_masks_is_refused_naming_it(adapters, tmp_path) -> None:
+    """Hostile audit 20.13: a variant with other module shapes, used as a constituent, ended in IndexError."""
+    mask = check_mask(Mask({"layers.0.q": np.array([0, 40])}, {"layers.0.q": (6, 8)}), adapters, "m")
+    other = LoraAdapter(write_lora(tmp_path / "other", {"layers.0.q": (8, 6)}), "a@other")
+    with pytest.raises(UnmergeError) as info:
+        masked_vector(other, mask)
+    assert str(info.value) == (f"adapter a@other ({other.path}): module 'layers.0.q' has shape (8, 6), but the mask "
+                               "(made from the dictionary adapters) has (6, 8): every adapter of a run must give a "
+                               "module the dictionary's shape")
+    assert masked_vector(adapters[1], mask).shape == (2,)

@@ -134,3 +134,16 @@ def test_full_finetune_is_stored_exactly_as_a_full_rank_adapter(tmp_path) -> Non
     a, b = exact_factors(dense)
     assert a.shape == (12, 20) and b.shape == (12, 12)
     torch.testing.assert_close((b.double() @ a.double()), dense, rtol=1e-6, atol=1e-9)
+
+
+def test_a_constituent_variant_with_other_module_shapes_is_one_line_naming_the_adapter(write_manifest) -> None:
+    """Hostile audit 20.13: as constituents (not dictionary atoms, whose masker compares shapes), a variant
+    trained with other module shapes ended in an IndexError."""
+    path = write_manifest(**{"[merger]": VARIANT.strip().replace('"layers.0.q" = [24, 32]', '"layers.0.q" = [24, 16]')
+                             + "\n[merger]", "[protocol]": '[protocol]\nconstituents = ["other"]'})
+    with pytest.raises(UnmergeError) as info:
+        run(path)
+    message = str(info.value)
+    assert message.startswith("adapter alpha@other (") and "\n" not in message, message
+    assert "module 'layers.0.q' has shape (24, 16), but the mask (made from the dictionary adapters) has (24, 32)" \
+        in message
