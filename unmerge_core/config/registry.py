@@ -4,6 +4,9 @@ Each ``[tasks.<name>]`` table gives a category and a ``source`` table. The core 
 what a source means (a procedural generator, a Hugging Face dataset, a local JSONL file) is for the
 trainer plugins that read the data. ``[plugins.<name>]`` tables list first-party plugins that
 ``unmerge plugins --available`` shows.
+
+The repository's ``registry.toml`` is also shipped inside the package (``unmerge_core/registry.toml``,
+package data): :func:`packaged_registry` finds it wherever unmerge is installed.
 """
 
 from __future__ import annotations
@@ -76,3 +79,24 @@ class Registry:
             p = Path(source["path"])
             source["path"] = str(p if p.is_absolute() else (self.path.parent / p).resolve())
         return TaskInfo(name=name, category=entry.category, source=source, description=entry.description)
+
+
+def packaged_registry() -> Path | None:
+    """The ``registry.toml`` shipped with the package (the repository's, as package data), or ``None``
+    when the installation lacks it."""
+    from importlib.resources import files
+
+    try:
+        shipped = files("unmerge_core") / "registry.toml"
+        return Path(str(shipped)) if shipped.is_file() else None
+    except (OSError, TypeError, ModuleNotFoundError):
+        return None
+
+
+def nearest_registry(start: Path) -> Path | None:
+    """``registry.toml`` in ``start`` or the nearest folder above it, or ``None``."""
+    start = start.resolve()
+    for parent in [start, *start.parents]:
+        if (parent / "registry.toml").is_file():
+            return parent / "registry.toml"
+    return None

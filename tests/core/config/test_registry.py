@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from unmerge_core.cli import main
+from unmerge_core.errors import UnmergeError
 from unmerge_core.manager import PluginManager
 from unmerge_core.config.registry import Registry
 
@@ -31,3 +34,21 @@ def test_available_shows_not_installed(capsys) -> None:
     # the example distribution is only installed inside tests/test_third_party_plugin.py
     assert records["bic-nnls"]["installed"] is False
     assert records["bic-nnls"]["distribution"] == "unmerge-example-decomposer"
+
+
+def test_the_registry_ships_with_the_package_and_is_the_repositorys() -> None:
+    """Issue 20, item 20: outside the repository no registry.toml was found at all."""
+    from unmerge_core.config.registry import packaged_registry
+
+    shipped = packaged_registry()
+    assert shipped is not None and shipped.read_bytes() == (REPO / "registry.toml").read_bytes()
+    assert "reverse-words" in Registry.load(shipped).task_names
+
+
+def test_pyproject_ships_the_registry_as_package_data() -> None:
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "registry.toml" in config["tool"]["setuptools"]["package-data"]["unmerge_core"]
+    assert (REPO / "unmerge_core" / "registry.toml").resolve() == (REPO / "registry.toml").resolve()
+
