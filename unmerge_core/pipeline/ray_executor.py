@@ -20,7 +20,8 @@ import gc
 import os
 import socket
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,15 +41,88 @@ def _ray() -> Any:
     return ray
 
 
-def _run_unit(fn: Callable[[Any], Any], job: Any) -> Any:
-    """One unit in a Ray worker; the worker process is reused, so GPU memory is handed back after it."""
+def numeric_settings() -> dict[str, Any]:
+    """What decides the float bits of a unit's results in this process, beside its inputs: torch's
+    intra-op threads, the BLAS libraries' threads, float32 matmul precision (TF32) and deterministic
+    algorithms. A Ray worker starts with others (Ray sets ``OMP_NUM_THREADS`` to the task's CPUs)."""
+    import torch
+
     try:
-        return fn(job)
+        from threadpoolctl import threadpool_info
+        blas = {i["prefix"]: i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"}
+    except ImportError:  # pragma: no cover - scikit-learn depends on it
+        blas = {}
+    return {"torch_threads": torch.get_num_threads(), "blas_threads": blas,
+            "matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "deterministic": torch.are_deterministic_algorithms_enabled()}
+
+
+@contextmanager
+def applied_settings(settings: dict[str, Any] | None) -> Iterator[None]:
+    """Run a block with the driver's :func:`numeric_settings` (restored afterwards: workers are reused)."""
+    if not settings:
+        yield
+        return
+    import torch
+
+    old = numeric_settings()
+    torch.set_num_threads(settings["torch_threads"])
+    torch.set_float32_matmul_precision(settings["matmul_precision"])
+    torch.backends.cuda.matmul.allow_tf32 = settings["cuda_matmul_tf32"]
+    torch.backends.cudnn.allow_tf32 = settings["cudnn_tf32"]
+    torch.use_deterministic_algorithms(settings["deterministic"])
+    try:
+        from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(limits=settings["blas_threads"]) if settings["blas_threads"] else None
+    except ImportError:  # pragma: no cover
+        limits = None
+    try:
+        yield
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+        torch.set_num_threads(old["torch_threads"])
+        torch.set_float32_matmul_precision(old["matmul_precision"])
+        torch.backends.cuda.matmul.allow_tf32 = old["cuda_matmul_tf32"]
+        torch.backends.cudnn.allow_tf32 = old["cudnn_tf32"]
+        torch.use_deterministic_algorithms(old["deterministic"])
+
+
+def _run_unit(fn: Callable[[Any], Any], job: Any, settings: dict[str, Any] | None = None) -> Any:
+    """One unit in a Ray worker, with the driver's numeric settings (:func:`numeric_settings`): a unit's
+    artifact must not depend on which executor made it, since both store it under one key. The worker
+    process is reused, so GPU memory is handed back after it."""
+    try:
+        with applied_settings(settings):
+            return fn(job)
     finally:
         gc.collect()
         torch = __import__("sys").modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long ``connect`` waits for a cluster's address to answer (Ray itself retries for minutes, silently)."""
+
+
+def _check_reachable(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address must accept a TCP connection within ``timeout``;
+    ``None`` (start Ray here) and ``auto`` are left to Ray."""
+    if not address or address == "auto":
+        return
+    where = address.removeprefix("ray://")
+    host, sep, port = where.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # not host:port: Ray's own error
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, (TimeoutError, socket.timeout)) else (exc.strerror or type(exc).__name__)
+        raise UnmergeError(f"executor: cannot join Ray at {address}: {reason.lower()} from {host}:{port} within "
+                           f"{timeout:g} s (is the cluster's head node running there?)") from None
 
 
 def _sees_store(store: str, token: str) -> tuple[str, bool]:
@@ -80,6 +154,7 @@ class RayExecutor:
         """Ray, initialised (once per process) and checked to see the store from every node."""
         ray = _ray()
         if not ray.is_initialized():
+            _check_reachable(self.address)
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
@@ -131,7 +206,8 @@ class RayExecutor:
             return []
         ray = self.connect()
         task = ray.remote(_run_unit).options(max_retries=self.max_retries, retry_exceptions=False, **self.resources)
-        refs = [task.remote(fn, job) for job in jobs]
+        settings = numeric_settings()  # as the local executor would run them, here and now
+        refs = [task.remote(fn, job, settings) for job in jobs]
         order = {ref: i for i, ref in enumerate(refs)}
         bar = tqdm(total=len(refs), desc=f"{desc} [ray]", unit="job", leave=False, dynamic_ncols=True,
                    disable=not self.progress)

@@ -97,3 +97,63 @@ def test_resources_no_node_has_are_refused_not_waited_for(tmp_path) -> None:
         RayExecutor(tmp_path, num_gpus_per_task=1, progress=False).map(str, [1], desc="gpu")
     with pytest.raises(UnmergeError, match=r"executor.num_cpus_per_task = 1000, but no Ray node has more than 2 CPU"):
         RayExecutor(tmp_path, num_cpus_per_task=1000, progress=False).map(str, [1], desc="cpu")
+
+
+def test_an_unreachable_ray_address_is_one_line_within_seconds(write_manifest) -> None:
+    """Hostile audit 20.12: `address = "127.0.0.1:1"` printed nothing for minutes (Ray retries the GCS
+    connection for ever); now one line within the connection timeout."""
+    import subprocess
+    import time
+
+    path = write_manifest(**{"[output]": '[executor]\nkind = "ray"\naddress = "127.0.0.1:1"\n[output]'})
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "unmerge_core", "run", "--no-progress", str(path)], capture_output=True,
+                          text=True, timeout=90)
+    seconds = time.perf_counter() - start
+    lines = [line for line in done.stderr.splitlines() if not line.startswith(("unmerge: running", "warning:", "note:"))]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: executor: cannot join Ray at 127.0.0.1:1: ") and "Traceback" not in done.stderr
+    assert seconds < 45, seconds
+
+
+def train_peft_adapter(paths: tuple[Path, Path]) -> bytes:
+    """One peft-lora training on the tiny model (a few seconds); the adapter's bytes."""
+    from unmerge_core.types import TaskInfo, TrainJob
+    from unmerge_plugins.lib.tiny_model import TinyModelParams
+    from unmerge_plugins.trainers.peft_lora import PeftLoraParams, PeftLoraTrainer
+
+    out, workspace = paths
+    out.mkdir(parents=True)
+    params = PeftLoraParams(tiny=TinyModelParams(pretrain_steps=20), rank=4, alpha=8, learning_rate=1e-2, epochs=1,
+                            batch_size=8, num_examples=48, max_length=48)
+    task = TaskInfo("python-function", "code", {"kind": "procedural", "generator": "python-function"})
+    PeftLoraTrainer(params).train(TrainJob(task, out, 5, workspace, 0))
+    return (out / "adapter_model.safetensors").read_bytes()
+
+
+def test_an_adapter_trained_in_a_ray_worker_is_byte_identical_to_a_local_one(tmp_path) -> None:
+    """Hostile audit 20.10: a Ray worker (Ray sets OMP_NUM_THREADS = its CPUs) trained with other thread
+    counts than the driver, and PEFT adapters differed by ~1e-7 under the same cache key: a store shared by
+    local and Ray runs mixed two answers. Units now run with the driver's numeric settings."""
+    import torch
+
+    local = train_peft_adapter((tmp_path / "local", tmp_path / "workspace"))  # builds the tiny base too
+    [remote] = RayExecutor(tmp_path, progress=False).map(train_peft_adapter, [(tmp_path / "ray", tmp_path / "workspace")],
+                                                         desc="train")
+    assert torch.get_num_threads() > 1 or os.cpu_count() == 1  # a worker on one thread would differ
+    assert remote == local
+
+
+def settings_here(_: object) -> dict:
+    return ray_executor.numeric_settings()
+
+
+def test_ray_units_run_with_the_drivers_numeric_settings(tmp_path) -> None:
+    """Hostile audit 20.10: a worker ran torch on 1 thread (Ray's OMP_NUM_THREADS) where the driver ran it on
+    every core; reductions then round differently. Units see the driver's settings."""
+    from unmerge_core.pipeline.parallel import blas_threads
+
+    with blas_threads(1):
+        driver = ray_executor.numeric_settings()
+        [worker] = RayExecutor(tmp_path, progress=False).map(settings_here, [0], desc="settings")
+    assert worker == driver
