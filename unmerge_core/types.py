@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, GetCoreSchemaHandler
+from pydantic_core import CoreSchema
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +40,37 @@ STAGE_NAMES: tuple[str, ...] = tuple(s.value for s in Stage)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
-class PluginParams(BaseModel):
-    """Base class of every plugin's parameter model: unknown keys, NaN and infinities are errors."""
+def strict_numbers(schema: Any) -> Any:
+    """``schema`` (a pydantic core schema) with every ``int``, ``bool`` and ``float`` made strict, in place.
+
+    An integer field then takes only an integer (not ``true``, ``2.0`` or ``"3"``), a boolean field only
+    ``true`` or ``false`` (not ``1`` or ``1.0``), a float field a number but not a boolean — while a
+    float field still takes a TOML integer (``alpha = 1``), and strings, paths, tuples and enums are
+    read as before (only the number schemas change).
+    """
+    if isinstance(schema, dict):
+        if schema.get("type") in ("int", "bool", "float"):
+            schema["strict"] = True
+        for value in schema.values():
+            strict_numbers(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            strict_numbers(value)
+    return schema
+
+
+class StrictNumbers(BaseModel):
+    """A model whose numbers are strict (:func:`strict_numbers`): a user's ``true`` is never a count,
+    a ``1.0`` never a switch. Base of plugin parameters and of the manifest's tables."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return strict_numbers(handler(source))
+
+
+class PluginParams(StrictNumbers):
+    """Base class of every plugin's parameter model: unknown keys, NaN and infinities are errors, and
+    numbers are strict (:class:`StrictNumbers`: ``true`` is not an integer, ``1.0`` not a boolean)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 

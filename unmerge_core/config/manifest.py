@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from packaging.requirements import InvalidRequirement, Requirement
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from unmerge_core.config.registry import Registry
 from unmerge_core.config.targets import ExternalTarget, check_manifest_targets
@@ -23,7 +23,7 @@ from unmerge_core.errors import UnmergeError, choose_one_of, read_toml, short_re
 from unmerge_core.io.store import check_output_dir, is_safe_name, safe_filename
 from unmerge_core.manager import PluginManager, ResolvedPlugin, format_validation_error
 from unmerge_core.report.attribution import REPORT_METRICS
-from unmerge_core.types import Capability, TaskInfo, method_task_range
+from unmerge_core.types import Capability, StrictNumbers, TaskInfo, method_task_range
 
 GROUPS = ("known", "mixed", "unknown")
 PER_LAYER_PLUGIN = "per-layer"
@@ -32,11 +32,15 @@ DEFAULT_METRICS = ("support", "reconstruction", "semantic-alignment")
 MAX_TARGETS_PER_GROUP = 10_000
 MAX_TASKS = 10_000
 MAX_PLUGINS = 100
+RAY_RESOURCE_STEP = 0.0001
+"""The smallest fraction of a CPU or GPU Ray reserves (its resource unit: a smaller one is refused by Ray)."""
 RUN_PROVIDES = (Capability.TASK_DATA, Capability.CONSTITUENT_VECTORS, Capability.TARGET_DELTAS)
 """What every ``unmerge run`` gives its plugins; the trainer may add ``base-model``."""
 
 
-class _Strict(BaseModel):
+class _Strict(StrictNumbers):
+    """A manifest table: unknown keys, NaN and infinities refused; numbers strict (``seed = true`` is not 1)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -101,6 +105,14 @@ class TaskSelection(_Strict):
     unknown: list[str] = Field(default_factory=list, max_length=MAX_TASKS)
     dictionary_variants: list[str] = Field(default_factory=list, max_length=MAX_PLUGINS)
 
+    @field_validator("dictionary_variants")
+    @classmethod
+    def _variants_once(cls, values: list[str]) -> list[str]:
+        dupes = sorted({v for v in values if values.count(v) > 1})
+        if dupes:  # each would add the same atoms twice, under the same names
+            raise ValueError(f"lists {', '.join(map(repr, dupes))} more than once; list each [[variants]] name once")
+        return values
+
     @model_validator(mode="after")
     def _disjoint(self) -> TaskSelection:
         both = sorted(set(self.known) & set(self.unknown))
@@ -156,6 +168,14 @@ class VariantRef(PluginRef):
     name: str
     tasks: list[str] | None = Field(None, description="the tasks it trains (default: every task)")
 
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:  # as constituents it changed nothing; in the dictionary, no atom
+            raise ValueError("an empty list trains nothing; list the tasks this variant trains, or leave tasks "
+                             "out to train every task of the manifest")
+        return value
+
     @field_validator("name")
     @classmethod
     def _safe(cls, value: str) -> str:
@@ -189,9 +209,17 @@ class ExecutorConfig(_Strict):
     address: str | None = Field(None, min_length=1,
                                 description="Ray cluster: 'auto', 'ray://host:port' (default: start Ray on this "
                                             "machine)")
-    num_cpus_per_task: float = Field(1.0, gt=0, le=1024, description="CPUs Ray reserves for each unit")
+    num_cpus_per_task: float = Field(1.0, ge=RAY_RESOURCE_STEP, le=1024,
+                                     description="CPUs Ray reserves for each unit")
     num_gpus_per_task: float = Field(0.0, ge=0, le=64, description="GPUs Ray reserves for each unit")
     max_retries: int = Field(3, ge=0, le=100, description="times Ray reruns a unit whose worker died")
+
+    @field_validator("num_gpus_per_task")
+    @classmethod
+    def _ray_fraction(cls, value: float) -> float:
+        if 0 < value < RAY_RESOURCE_STEP:
+            raise ValueError(f"0 or at least {RAY_RESOURCE_STEP} (Ray's smallest fraction of a resource)")
+        return value
 
     @model_validator(mode="after")
     def _ray_only(self) -> ExecutorConfig:
@@ -259,6 +287,12 @@ class ManifestFile(_Strict):
             if unknown:
                 raise ValueError(f"{field_name}: {', '.join(map(repr, unknown))} is not a [[variants]] name; "
                                  f"choose one of: {', '.join(names) or '(no variants defined)'}")
+        for variant in self.variants:
+            if variant.name in self.tasks.dictionary_variants and variant.tasks is not None \
+                    and not set(variant.tasks) & set(self.tasks.known):
+                raise ValueError(f"tasks.dictionary_variants: variant {variant.name!r} trains none of tasks.known "
+                                 f"(it trains {', '.join(variant.tasks)}), so it adds no atom to the dictionary; "
+                                 "list known tasks in its tasks or leave it out of dictionary_variants")
         return self
 
     @model_validator(mode="after")

@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from unmerge_core import StrictNumbers
+
 
 @dataclass(frozen=True)
 class InputMode:
@@ -133,6 +135,12 @@ def takes_weight(method: str) -> bool:
     return any(p.name == "weight" for p in registry.get(method).spec.parameters)
 
 
+class _MethodParams(StrictNumbers):
+    """Base of the per-method models: unknown keys refused, numbers strict (``normalize = 1`` is not true)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 def method_params_model(method: str) -> type[BaseModel]:
     """A pydantic model of the parameters a manifest may set for ``method`` (unknown keys refused).
 
@@ -168,8 +176,7 @@ def method_params_model(method: str) -> type[BaseModel]:
 
         validators["della_window"] = model_validator(mode="after")(_window)
     return create_model(f"{method.title().replace('_', '')}Params",  # type: ignore[call-overload]
-                        __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
-                        __validators__=validators, **fields)
+                        __base__=_MethodParams, __validators__=validators, **fields)
 
 
 def missing_required(method: str, values: dict[str, Any]) -> list[str]:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from unmerge_core import (
     PluginParams,
     PluginSpec,
     Stage,
+    StrictNumbers,
     TrainJob,
     UnmergeError,
     content_key,
@@ -36,7 +37,7 @@ MAX_ADAPTER_BYTES = 8 * 2**30
 """Largest adapter (LoRA factors, float32) written per task."""
 
 
-class ShapeConfig(BaseModel):
+class ShapeConfig(StrictNumbers):
     """The shape fields of a transformers decoder config (``config.json`` or inline)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -47,6 +48,14 @@ class ShapeConfig(BaseModel):
     num_key_value_heads: int | None = Field(None, ge=1, le=100_000)
     head_dim: int | None = Field(None, ge=1, le=1_000_000)
     intermediate_size: int | None = Field(None, ge=1, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _head_size(self) -> ShapeConfig:
+        if self.head_dim is None and self.num_attention_heads > self.hidden_size:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is more than hidden_size "
+                             f"({self.hidden_size}): each head would have {self.hidden_size} // "
+                             f"{self.num_attention_heads} = 0 dimensions; set fewer heads or head_dim")
+        return self
 
 
 class _FileShapeConfig(ShapeConfig):
