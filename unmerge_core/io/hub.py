@@ -77,6 +77,14 @@ def parse_hub_ref(value: str, relative_to: Path | None = None) -> HubRef | None:
     return HubRef(match["repo"], match["revision"])
 
 
+def _exists(value: str, relative_to: Path | None) -> bool:
+    path = Path(value).expanduser()
+    try:
+        return (relative_to / path if relative_to is not None and not path.is_absolute() else path).exists()
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        return False
+
+
 def hub_offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` is set (read at each call, so a test or a shell can switch it)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
@@ -106,6 +114,9 @@ def resolve_model_ref(value: str | Path, what: str, *, relative_to: Path | None 
         UnmergeError: one line, when the reference cannot be resolved.
     """
     text = str(value)
+    if not text.isprintable() and not _exists(text, relative_to):  # quoted: the error stays on one line
+        raise UnmergeError(f"{what} {short_repr(text, 80)}: holds a line break or another control character; a "
+                           "model is a local path or a Hub id owner/name[@revision]")
     ref = parse_hub_ref(text, relative_to)
     if ref is None:
         path = Path(text).expanduser()

@@ -275,3 +275,16 @@ def test_a_snapshot_with_only_its_config_is_reported_as_not_cached(offline, tmp_
         message = one_line(info)
         assert "weights are not in the Hugging Face cache" in message and "HF_HUB_OFFLINE" in message
         assert "--allow-pickle" not in message
+
+
+@pytest.mark.parametrize("value", ["org/model\nx", "org/mo\tdel@main", "org/model\r", "./models/a\nb"])
+def test_an_id_or_path_holding_a_line_break_is_one_line(tmp_path, capsys, value) -> None:
+    """Hostile audit 20.22: a Hub id holding a newline split its error over two lines."""
+    with pytest.raises(UnmergeError) as info:
+        resolve_model_ref(value, "--base")
+    message = str(info.value)
+    assert message == (f"--base {value!r}: holds a line break or another control character; a model is a "
+                       "local path or a Hub id owner/name[@revision]"), message
+    assert main(["attribute", "--dictionary", str(tmp_path), value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a line break" in err, err
