@@ -15,10 +15,11 @@ from typing import Any, NoReturn
 from tabulate import tabulate
 
 from unmerge_core import __version__
-from unmerge_core.errors import UnmergeError
+from unmerge_core.errors import UnmergeError, disk_full_line
 from unmerge_core.io.hub import parse_hub_ref, resolve_model_ref
 from unmerge_core.manager import PluginManager
 from unmerge_core.pipeline.attribute import DEFAULT_DECOMPOSERS, DEFAULT_METRICS, AttributeRequest
+from unmerge_core.pipeline.run_directory import REDO_STAGES
 from unmerge_core.types import STAGE_NAMES
 
 
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug, not a user mistake: say so in one line
         if args.debug:
             raise
+        if (full := disk_full_line(exc)) is not None:  # ENOSPC / EDQUOT: which file, how much it needed
+            print(f"error: {full}", file=sys.stderr)
+            return 1
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: internal error ({type(exc).__name__}: {first}); this is a bug in unmerge or a plugin, "
               "please report it; rerun with --debug for the traceback", file=sys.stderr)
@@ -74,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--no-plots", action="store_true", help="write the tables only (no PNG plots)")
     run.add_argument("--output-dir", help="override [output].dir of the manifest")
+    run.add_argument("--redo", choices=["all", *REDO_STAGES], metavar="STAGE",
+                     help="recompute this stage's cached work and every later stage's instead of reusing it: "
+                          f"all, {', '.join(REDO_STAGES)} (cache keys already hold the plugins' code and parameters)")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check a manifest and its plugins without running anything")
@@ -104,13 +111,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         from unmerge_core.io.store import check_output_dir
 
-        problem = check_output_dir(Path(args.output_dir) / manifest.name)
+        problem = check_output_dir(Path(args.output_dir).expanduser() / manifest.name)
         if problem:
             raise UnmergeError(f"--output-dir {args.output_dir}: {problem}")
         manifest.file.output.dir = args.output_dir
     print(f"unmerge: running {manifest.name} -> {manifest.run_dir}", file=sys.stderr)
     show_progress = not args.no_progress and sys.stderr.isatty() or bool(os.environ.get("UNMERGE_PROGRESS"))
-    result = Runner(manifest, progress=show_progress, plots=not args.no_plots).run()
+    result = Runner(manifest, progress=show_progress, plots=not args.no_plots, redo=args.redo).run()
     print(format_table(compact(result.table.summary())))
     print()
     timing_rows = [[t.stage, f"{t.seconds:.1f}", f"{t.cpu_seconds:.1f}", f"{t.peak_rss_mb:.0f}", t.jobs, t.reused]
@@ -180,7 +187,11 @@ def _available(args: argparse.Namespace, have: set[tuple[str, str]]) -> list[dic
 
     from unmerge_core.config.registry import Registry
 
+    from unmerge_core.config.registry import packaged_registry
+
     path = Path(args.registry) if args.registry else Path("registry.toml")
+    if not args.registry and not path.is_file():
+        path = packaged_registry() or path  # outside the repository: the registry shipped with the package
     if not path.is_file():
         raise UnmergeError(f"--available needs a registry.toml (looked for {path}); pass --registry PATH")
     registry = Registry.load(path)
@@ -250,10 +261,35 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from unmerge_core.pipeline.attribute import run_attribute
     from unmerge_core.report.attribution import format_reports
 
-    result = run_attribute(request_from_args(args))
+    request = request_from_args(args)
+    earlier = _earlier_report(request.output_dir)
+    result = run_attribute(request)
     print(format_reports(result.reports))
+    if earlier:
+        print(f"note: replaced the earlier report in {result.run_dir} ({earlier})", file=sys.stderr)
     print(f"\nreport written to {result.run_dir} (attribution.json, attribution.md, attribution.csv)")
     return 0
+
+
+REPORT_FILES = ("attribution.json", "attribution.md", "attribution.csv")
+
+
+def _earlier_report(folder: Path) -> str | None:
+    """When ``folder`` holds a report of an earlier ``unmerge attribute``: when it was written and of what."""
+    import datetime
+
+    found = [folder / name for name in REPORT_FILES if os.path.isfile(folder / name)]  # never raises
+    if not found:
+        return None
+    when = datetime.datetime.fromtimestamp(max(f.stat().st_mtime for f in found)).strftime("%Y-%m-%d %H:%M:%S")
+    targets = []
+    try:
+        data = json.loads((folder / "attribution.json").read_text(encoding="utf-8"))
+        targets = [str(t.get("name")) for t in data.get("targets", []) if isinstance(t, dict)]
+    except (OSError, ValueError, AttributeError):
+        pass
+    of = f"of {', '.join(targets[:3])}{', …' if len(targets) > 3 else ''}, " if targets else ""
+    return f"{of}written {when}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,7 +388,7 @@ def request_from_args(args: Any) -> AttributeRequest:
     truth_yaml = {k: Path(v) for k, v in named(args.truth, "--truth").items()}
     truth_json = named(args.truth_json, "--truth-json")
     label = args.name or (targets[0][0] if len(targets) == 1 else "multi")
-    output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / f"attribute-{label}"
+    output_dir = Path(args.output_dir).expanduser() if args.output_dir else Path("runs") / f"attribute-{label}"
     return AttributeRequest(
         targets=targets, output_dir=output_dir, base=base,
         dictionary=Path(args.dictionary) if args.dictionary else None, adapters=adapters, kind=args.kind,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import threading
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,6 +143,90 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+_DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_DISK_FULL_TEXT = {"no space left on device": "no space left on device", "os error 28": "no space left on device",
+                   "storagefull": "no space left on device", "disk quota exceeded": "disk quota exceeded"}
+_WRITERS = {"atomic_write_bytes": "data", "atomic_save_tensors": "as_torch"}
+"""The store's writers (unmerge_core.io.store) and the local holding what each writes: every artifact and
+report goes through one of them."""
+
+
+def disk_full_line(exc: BaseException) -> str | None:
+    """The one line for an error that is a full disk or an exceeded quota (ENOSPC, EDQUOT, or a library's
+    error saying so, such as safetensors' "No space left on device (os error 28)"), else ``None``.
+
+    It names the file being written and how many bytes it needed, when the write went through one of the
+    store's writers (read from the traceback: the writers stay plain functions), or the ``OSError``'s file
+    name, and says how much space is free there.
+    """
+    what = None
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen and what is None:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL_ERRNOS:
+            what = _DISK_FULL_ERRNOS[cause.errno]
+        else:
+            text = str(cause).lower()
+            what = next((v for k, v in _DISK_FULL_TEXT.items() if k in text), None)
+        if what is None:
+            cause = cause.__cause__ or cause.__context__
+    if what is None or cause is None:
+        return None
+    path, size = _failed_write(exc)
+    if path is None and isinstance(cause, OSError) and cause.filename:
+        path = Path(os.fsdecode(cause.filename))
+    where = f" writing {path}" if path is not None else ""
+    details = []
+    if size is not None:
+        details.append(f"it needed {_bytes(size)}")
+    if path is not None and (free := _free_bytes(path)) is not None:
+        details.append(f"{_bytes(free)} free there")
+    detail = f" ({', '.join(details)})" if details else ""
+    return (f"{what}{where}{detail}: free some space (or point output.dir / output.store / --output-dir "
+            "elsewhere) and run again; finished artifacts are kept and reused")
+
+
+def _failed_write(exc: BaseException) -> tuple[Path | None, int | None]:
+    """The file and byte count of the innermost store writer on ``exc``'s traceback, if any."""
+    tb = exc.__traceback__
+    found: tuple[Path | None, int | None] = (None, None)
+    while tb is not None:
+        frame = tb.tb_frame
+        local = _WRITERS.get(frame.f_code.co_name)
+        if local is not None and frame.f_globals.get("__name__") == "unmerge_core.io.store":
+            path, data = frame.f_locals.get("path"), frame.f_locals.get(local)
+            size = None
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                size = len(data)
+            elif isinstance(data, dict):
+                size = sum(int(t.numel()) * int(t.element_size()) for t in data.values()
+                           if hasattr(t, "numel") and hasattr(t, "element_size"))
+            found = (Path(path) if isinstance(path, (str, Path)) else None, size)
+        tb = tb.tb_next
+    return found
+
+
+def _free_bytes(path: Path) -> int | None:
+    import shutil
+
+    current = Path(os.path.abspath(path))
+    while not os.path.exists(current) and current.parent != current:
+        current = current.parent
+    try:
+        return shutil.disk_usage(current).free
+    except OSError:
+        return None
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} bytes"  # pragma: no cover
+
+
 
 _BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
          (b"\xfe\xff", "UTF-16"))
@@ -190,19 +277,68 @@ def read_json(path: Path, what: str) -> Any:
         raise UnmergeError(f"{path}: invalid JSON: {exc}") from None
 
 
-@contextmanager
-def plugin_errors(stage: str, label: str) -> Iterator[None]:
-    """Turn anything escaping a plugin (an exception, ``sys.exit``) into a one-line :class:`PluginError`.
+class _PluginExit(BaseException):
+    """``os._exit(code)`` called by plugin code (raised instead, see :func:`plugin_errors`)."""
 
-    A plugin's own :class:`UnmergeError` (a user mistake it detected) passes through unchanged;
-    Ctrl-C stays Ctrl-C.
-    """
+    def __init__(self, code: Any) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+_real_exit = os._exit
+_guard_lock = threading.Lock()
+_guard_users = 0
+_in_plugin = threading.local()
+
+
+def _guarded_exit(code: Any) -> None:
+    """``os._exit`` while a plugin call runs: in the plugin's own thread and process it raises
+    :class:`_PluginExit` (a ``BaseException``: a plugin's ``except Exception`` does not swallow it);
+    anywhere else (a child the plugin forked, another thread) it exits as ``os._exit`` does."""
+    if getattr(_in_plugin, "pid", None) == os.getpid() and getattr(_in_plugin, "depth", 0) > 0:
+        raise _PluginExit(code)
+    _real_exit(code)
+
+
+@contextmanager
+def _os_exit_guard() -> Iterator[None]:
+    global _guard_users
+    with _guard_lock:
+        if _guard_users == 0:
+            os._exit = _guarded_exit
+        _guard_users += 1
+    outer = (getattr(_in_plugin, "pid", None), getattr(_in_plugin, "depth", 0))
+    _in_plugin.pid, _in_plugin.depth = os.getpid(), (outer[1] if outer[0] == os.getpid() else 0) + 1
     try:
         yield
+    finally:
+        _in_plugin.pid, _in_plugin.depth = outer
+        with _guard_lock:
+            _guard_users -= 1
+            if _guard_users == 0:
+                os._exit = _real_exit
+
+
+@contextmanager
+def plugin_errors(stage: str, label: str) -> Iterator[None]:
+    """Turn anything escaping a plugin (an exception, ``sys.exit``, ``os._exit``) into a one-line
+    :class:`PluginError`.
+
+    A plugin's own :class:`UnmergeError` (a user mistake it detected) passes through unchanged;
+    Ctrl-C stays Ctrl-C. ``os._exit`` would end the process at once with its status (0: "success"),
+    nothing written and the run left "running"; in a Ray worker, Ray would rerun the unit as if the
+    machine had failed. Within the block, called from the plugin's thread and process, it raises instead
+    (a child process the plugin forks still exits with it).
+    """
+    try:
+        with _os_exit_guard():
+            yield
     except UnmergeError:
         raise
     except KeyboardInterrupt:
         raise
+    except _PluginExit as exc:
+        raise PluginError(stage, label, f"called os._exit({exc.code!r}); a plugin must return or raise") from None
     except SystemExit as exc:
         raise PluginError(stage, label, f"called sys.exit({exc.code!r}); a plugin must return or raise") from None
     except MemoryError:

@@ -161,6 +161,75 @@ def test_mutated_small_manifest_validates_or_fails_in_one_line(fuzz_dir: Path) -
     check()
 
 
+FEATURES = """
+[tasks]
+dictionary_variants = ["re"]
+
+[protocol]
+constituents = ["re", "part"]
+
+[[variants]]
+name = "re"
+plugin = "synthetic"
+params = { module_shapes = { "layers.0.q" = [24, 32], "layers.0.k" = [8, 32], "layers.1.q" = [24, 32] }, rank = 6, shared = 0.3, seed = 1 }
+
+[[variants]]
+name = "part"
+plugin = "synthetic"
+tasks = ["alpha", "zeta"]
+params = { module_shapes = { "layers.0.q" = [24, 32], "layers.0.k" = [8, 32], "layers.1.q" = [24, 32] }, rank = 4 }
+
+[[merger]]
+plugin = "mergekit"
+params = { density = 0.5 }
+
+[[merger]]
+plugin = "tsv-m"
+
+[executor]
+kind = "local"
+"""
+
+
+def featured(workdir: Path) -> dict:
+    """The small manifest with every feature a manifest can name besides the stages: [[variants]] (as
+    constituents and as dictionary atoms), several [[merger]] entries, a shared store, an executor."""
+    tree = small(workdir)
+    extra = tomllib.loads(FEATURES)
+    tree["tasks"].update(extra["tasks"])
+    tree["protocol"].update(extra["protocol"])
+    tree["protocol"]["methods"] = ["ties", "tsv-m"]
+    del tree["merger"]
+    tree.update({k: v for k, v in extra.items() if k not in ("tasks", "protocol")})
+    tree["output"]["store"] = str(workdir / "store")
+    return tree
+
+
+def test_the_featured_manifest_is_valid(fuzz_dir: Path) -> None:
+    """The base of the next fuzz test validates (else every mutation would be an error, testing nothing)."""
+    m = manifest_from_data(featured(fuzz_dir), fuzz_dir / "manifest.toml", MANAGER)
+    assert [v.name for v in m.variants] == ["re", "part"] and len(m.mergers) == 2
+    assert m.file.executor.kind == "local" and m.store_dir == fuzz_dir / "store"
+
+
+def test_mutated_manifest_with_variants_mergers_store_and_executor_validates_or_fails_in_one_line(
+        fuzz_dir: Path) -> None:
+    path = fuzz_dir / "manifest.toml"
+
+    @FUZZ
+    @given(mutated(featured(fuzz_dir)))
+    def check(tree: dict) -> None:
+        try:
+            m = manifest_from_data(tree, path, MANAGER)
+        except UnmergeError as exc:
+            check_error(exc, path)
+            return
+        specs = generate_targets(m)
+        assert len({s.target_id for s in specs}) == len(specs)
+
+    check()
+
+
 @FUZZ
 @given(data=st.data())
 def test_damaged_manifest_bytes_fail_in_one_line(fuzz_dir: Path, data: st.DataObject) -> None:
@@ -249,6 +318,41 @@ def test_validated_small_mutations_run_to_the_end_or_fail_in_one_line(tmp_path_f
     except UnmergeError as exc:
         assert "\n" not in str(exc) and "budget" in str(exc) and len(str(exc)) < 600, exc
         return
+    assert (result.run_dir / "summary.csv").is_file()
+    for row in result.table.rows:
+        assert all(v is None or math.isfinite(v) for v in row.metrics.values())
+
+
+FEATURE_EDITS = st.sampled_from([
+    ("tasks", "dictionary_variants", [[], ["re"], ["re", "part"], ["part"]]),
+    ("protocol", "constituents", [[], ["re"], ["part"], ["part", "re"]]),
+    ("protocol", "methods", [["ties", "tsv-m"], ["tsv-m"], ["linear"]]),
+    ("executor", "kind", ["local"]),
+    ("output", "store", [None, "shared-store"]),
+])
+
+
+@settings(max_examples=max(4, EXAMPLES // 15), deadline=None, suppress_health_check=list(HealthCheck))
+@given(edits=st.lists(st.tuples(FEATURE_EDITS, st.integers(0, 4)), min_size=1, max_size=3))
+def test_validated_featured_mutations_run_to_the_end_or_fail_in_one_line(tmp_path_factory, edits) -> None:
+    root = tmp_path_factory.mktemp("featured")
+    (root / "registry.toml").write_text(textwrap.dedent(SMALL_REGISTRY))
+    (root / "manifest.toml").write_text("# the mutated tree is validated below\n")
+    tree = featured(root)
+    for (table, key, options), pick in edits:
+        value = options[pick % len(options)]
+        if key == "store" and value is not None:
+            value = str(root / value)  # never a folder in the working directory
+        if value is None:
+            tree[table].pop(key, None)
+        else:
+            tree[table][key] = value
+    try:
+        m = manifest_from_data(tree, root / "manifest.toml", MANAGER)
+    except UnmergeError as exc:
+        check_error(exc, root / "manifest.toml")
+        return
+    result = Runner(m, progress=False, echo=lambda s: None, plots=False).run()
     assert (result.run_dir / "summary.csv").is_file()
     for row in result.table.rows:
         assert all(v is None or math.isfinite(v) for v in row.metrics.values())

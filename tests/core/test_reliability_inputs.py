@@ -67,7 +67,9 @@ BAD_MANIFESTS = [
     (r'^dir = .*$', 'dir = "/dev/null"', r"output\.dir: '/dev/null' cannot hold the run directory: .*file"),
     (r'^dir = .*$', 'dir = "runs\\u0000x"', r"output\.dir: .*NUL byte"),
     # 16: sizes that cannot run validated and then hung
-    (r"^targets_per_group = 4", "targets_per_group = 1e15", r"protocol\.targets_per_group: Input should be less than or equal to 10000"),
+    (r"^targets_per_group = 4", "targets_per_group = 1e15",  # a TOML float, so not an integer (strict numbers)
+     r"protocol\.targets_per_group: Input should be a valid integer \(got 1000000000000000\.0\)"),
+    (r"^targets_per_group = 4", "targets_per_group = 10001", r"protocol\.targets_per_group: Input should be less than or equal to 10000"),
     (r'^params = \{ module_shapes = .*$', 'params = { module_shapes = { "l.0.q" = [100000, 100000] } }', r"above the 1,073,741,824"),
     # 18: a huge or infinite lambda was blamed on the merger after the run
     (r'^plugin = "mergekit"', 'plugin = "mergekit"\nparams = { lambda = inf }', r"merger\.params\.lambda: Input should be a finite number"),
@@ -327,13 +329,14 @@ def test_attribute_metrics_that_cannot_work_say_why(tmp_path, dictionary, metric
 
 
 def test_identical_dictionary_atoms_are_warned(tmp_path, dictionary) -> None:
-    """6: two identical dictionary atoms got no warning."""
+    """6: two identical dictionary atoms got no warning. Two identical trainings of one skill are warned
+    (the second audit's item 7 refuses identical atoms of two skills: tests/core/pipeline/test_attribute.py)."""
     target = write_lora(tmp_path / "t", MODULES, rank=4, seed=1)
     lines: list[str] = []
-    result = run_attribute(request(tmp_path, [("t", target)], adapters=[("copy", dictionary / "beta")]),
+    result = run_attribute(request(tmp_path, [("t", target)], adapters=[("beta", dictionary / "beta")]),
                            echo=lines.append)
-    assert any("'beta' and 'copy' are identical on the mask" in w for w in result.warnings)
-    assert any(line.startswith("warning: dictionary atoms 'beta' and 'copy'") for line in lines)
+    assert any("'beta' and 'beta#2' are identical on the mask" in w for w in result.warnings)
+    assert any(line.startswith("warning: dictionary atoms 'beta' and 'beta#2'") for line in lines)
     saved = json.loads((tmp_path / "out" / "attribution.json").read_text())
     assert any("identical" in w for w in saved["warnings"])
 

@@ -90,6 +90,52 @@ def test_a_plugin_calling_sys_exit_is_an_error_not_a_silent_exit(write_manifest)
         run(with_decomposers(write_manifest, "quitter"), pm)
 
 
+OS_EXIT_SCRIPT = """
+import os, sys
+from unmerge_core.errors import PluginError, plugin_errors
+try:
+    with plugin_errors("decomposer", "quitter"):
+        os._exit(0)
+except PluginError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_a_plugin_calling_os_exit_is_an_error_not_a_silent_exit() -> None:
+    """Hostile audit 20.16: os._exit(0) in a plugin ended `run` / `attribute` with status 0, nothing written
+    and run.json 'running' (and, in a Ray worker, the unit was retried 4 times). Inside a plugin call it is
+    the plugin's one-line error (in a subprocess here: without the guard it would end pytest itself)."""
+    done = subprocess.run([sys.executable, "-c", OS_EXIT_SCRIPT], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout.strip() == "decomposer plugin 'quitter': called os._exit(0); a plugin must return or raise"
+
+
+def test_os_exit_outside_a_plugin_call_or_in_a_forked_child_still_exits() -> None:
+    """The guard is only for plugin code of this process: a child forked by a plugin (multiprocessing ends
+    its children with os._exit) and code outside a plugin call exit as before."""
+    from unmerge_core.errors import plugin_errors
+
+    with plugin_errors("decomposer", "forker"):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
+    done = subprocess.run([sys.executable, "-c", "import os, unmerge_core.errors; os._exit(5)"], timeout=120)
+    assert done.returncode == 5
+
+
+def test_a_plugin_calling_os_exit_in_a_run_is_named(write_manifest) -> None:
+    def quitter(problem):
+        os._exit(0)
+
+    pm = manager_with(decomposer_plugin("quitter", quitter))
+    with pytest.raises(PluginError, match=r"decomposer plugin 'quitter': called os._exit\(0\)"):
+        run(with_decomposers(write_manifest, "quitter"), pm)
+
+
 def test_a_hook_calling_sys_exit_is_a_broken_plugin() -> None:
     @hookimpl
     def unmerge_decomposers():
@@ -113,7 +159,7 @@ def test_info_that_is_not_json_fails_before_any_report(write_manifest) -> None:
                                           r"\(info\.solver: a object is not JSON-serialisable\)"):
         run(path, pm)
     run_dir = load_manifest(path, pm).run_dir
-    assert not (run_dir / "summary.csv").exists() and read_status(run_dir)["status"] == "running"
+    assert not (run_dir / "summary.csv").exists() and read_status(run_dir)["status"] == "failed"
 
 
 def test_labels_that_differ_only_in_unsafe_characters_get_distinct_files(write_manifest) -> None:
@@ -202,7 +248,7 @@ def test_kill_9_and_resume_is_byte_identical_and_redoes_no_finished_work(write_m
 
     resumed = cli("run", str(path), "--no-progress", cwd=path.parent)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"holds an incomplete run (stopped during '{stage}'" in resumed.stderr
+    assert f"previous run in {run_dir} stopped during '{stage}': killed or crashed" in resumed.stderr
     assert read_status(run_dir)["status"] == "complete"
     assert result_bytes(run_dir) == clean_run
     # nothing that was finished before the kill was redone

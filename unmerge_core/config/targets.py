@@ -19,17 +19,19 @@ task is a dictionary atom), ``unknown`` (none is) or ``mixed``; without it, to t
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from unmerge_core.errors import UnmergeError, format_validation_error, short_repr
 from unmerge_core.io.checkpoints import Checkpoint
 from unmerge_core.io.hub import HUB_ID, resolve_model_ref
 from unmerge_core.io.store import is_safe_name
+from unmerge_core.types import StrictNumbers
 
 EXTERNAL_GROUP = "external"
 TargetKind = Literal["auto", "model", "adapter"]
@@ -39,7 +41,7 @@ ZERO_SUM = "weights sum to 0; at least one weight must be positive"
 Weight = Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]
 
 
-class TruthSpec(BaseModel):
+class TruthSpec(StrictNumbers):
     """Ground truth of an existing target: its constituent tasks and their merge weights.
 
     Each weight is a finite number from 0 to :data:`MAX_WEIGHT`, and at least one is positive.
@@ -62,7 +64,7 @@ class TruthSpec(BaseModel):
         return self
 
 
-class ExternalTarget(BaseModel):
+class ExternalTarget(StrictNumbers):
     """One ``[[targets]]`` entry of a manifest: an existing model or adapter to attribute."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -168,6 +170,12 @@ def read_mergekit_truth(path: Path, atoms: Mapping[str, Path]) -> Truth:
     Parameters are resolved as mergekit does: a model's ``weight`` from its own ``parameters``, else
     from the top-level ``parameters`` (else 1); ``normalize`` and ``lambda`` from the top level only.
 
+    mergekit's three forms are read (what ``mergekit-yaml`` copies to ``mergekit_config.yml``):
+    ``models:``, ``slices:`` (each slice's ``sources``) and ``modules:`` (each module's ``models`` or
+    ``slices``); in a slice or module, a parameter not set on the model comes from the slice, then the
+    module, then the top level. Several slices or modules are one truth only when every one gives the
+    same coefficients; a recipe that weighs the models differently per layer range is refused.
+
     - ``linear``: ΔW = Σ wᵢ·ΔWᵢ, divided by Σ w with ``normalize`` (the default); the base takes part
       in that sum with its weight, if it has one (its own, or the top-level one), as mergekit feeds it
       to the average as one more input. (Without ``normalize``, weights not summing to 1 also leave
@@ -191,8 +199,8 @@ def read_mergekit_truth(path: Path, atoms: Mapping[str, Path]) -> Truth:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UnmergeError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-        raise UnmergeError(f"{where}: no 'models:' list (slices-based configs are not supported)")
+    if not isinstance(data, dict):
+        raise UnmergeError(f"{where}: not a mergekit recipe (a mapping with merge_method and models:)")
     method = data.get("merge_method")
     if method is None:
         raise UnmergeError(f"{where}: merge_method: missing; the truth depends on how the models were merged")
@@ -201,46 +209,137 @@ def read_mergekit_truth(path: Path, atoms: Mapping[str, Path]) -> Truth:
                            "be read from the YAML (supported: linear, " + ", ".join(TASK_ARITHMETIC_METHODS)
                            + "); give the truth with --truth-json")
     shared = _parameters(data.get("parameters"), f"{where}: parameters")
-    default = None if shared.get("weight") is None else _number(shared["weight"], f"{where}: parameters.weight")
     resolved_atoms = {_resolve(p): name for name, p in atoms.items()}
-    base_ref = data.get("base_model")
+    found: list[tuple[str, tuple[str, ...], tuple[float, ...]]] = []
+    for group in _recipe_groups(data, where, [("parameters", shared)], data.get("base_model")):
+        tasks, coefficients = _group_truth(group, method, where, path.parent, resolved_atoms)
+        found.append((group.label, tasks, coefficients))
+    first_label, tasks, coefficients = found[0]
+    first = dict(zip(tasks, coefficients))
+
+    def show(ts: Sequence[str], cs: Sequence[float]) -> str:
+        return ", ".join(f"{t} {c:.4g}" for t, c in zip(ts, cs))
+
+    for label, other_tasks, other in found[1:]:  # several slices or modules: one truth only if all agree
+        theirs = dict(zip(other_tasks, other))
+        if theirs.keys() != first.keys() or not all(math.isclose(c, theirs[t], rel_tol=1e-9, abs_tol=1e-12)
+                                                    for t, c in first.items()):
+            raise UnmergeError(f"{where}: {label} gives {show(other_tasks, other)}, {first_label} gives "
+                               f"{show(tasks, coefficients)}: a recipe that weighs the models differently per layer "
+                               "range or module is not one truth; give the truth with --truth-json")
+    return Truth(tasks, coefficients, str(path))
+
+
+@dataclass(frozen=True)
+class _RecipeGroup:
+    """One list of models mergekit merges with one set of parameters: the ``models:`` list, a slice's
+    ``sources`` or a module's ``models`` / slices."""
+
+    label: str  # "models", "slices[1] (layers 16-32)", "modules.text_decoder.slices[0] (layers 0-32)"
+    entries: list[tuple[str, Any]]  # (field of the entry, the entry)
+    chain: list[tuple[str, dict[str, Any]]]  # (field, parameters) from the innermost to the top level
+    base_ref: Any
+    form: str  # "models" or "sources"
+
+
+def _recipe_groups(data: dict[str, Any], where: str, chain: list[tuple[str, dict[str, Any]]], base_ref: Any,
+                   prefix: str = "") -> list[_RecipeGroup]:
+    """The recipe's groups, in mergekit's three forms (mergekit/config.py, MergeConfiguration: exactly one
+    of ``models``, ``slices`` and ``modules``; a module has ``models`` or ``slices``). Parameters resolve
+    as mergekit's ConfigReader does: a source's own, its slice's, its module's, then the top level's."""
+    forms = [k for k in (("models", "slices") if prefix else ("models", "slices", "modules")) if data.get(k)]
+    if len(forms) != 1:
+        allowed = "models: or slices:" if prefix else "models:, slices: or modules:"
+        raise UnmergeError(f"{where}: {prefix.rstrip('.') or 'the recipe'}: needs exactly one of {allowed} "
+                           f"(found {', '.join(forms) or 'none'})")
+    form = forms[0]
+    value = data[form]
+    field = f"{prefix}{form}"
+    if form == "modules":
+        if not isinstance(value, dict):
+            raise UnmergeError(f"{where}: modules: must be a mapping of module name -> models: or slices:")
+        groups = []
+        for name, module in value.items():
+            at = f"modules.{name}"
+            if not isinstance(module, dict):
+                raise UnmergeError(f"{where}: {at}: must be a mapping with models: or slices:")
+            params = _parameters(module.get("parameters"), f"{where}: {at}.parameters")
+            groups += _recipe_groups(module, where, [(f"{at}.parameters", params), *chain], base_ref, f"{at}.")
+        return groups
+    if not isinstance(value, list):
+        raise UnmergeError(f"{where}: {field}: must be a list")
+    if form == "models":
+        return [_RecipeGroup(field, [(f"{field}[{i}]", e) for i, e in enumerate(value)], chain, base_ref, "models")]
+    groups = []
+    for j, piece in enumerate(value):
+        at = f"{field}[{j}]"
+        if not isinstance(piece, dict) or not isinstance(piece.get("sources"), list):
+            raise UnmergeError(f"{where}: {at}.sources: must be a list of models")
+        if piece.get("residual_weight") is not None:
+            raise UnmergeError(f"{where}: {at}.residual_weight: is not read; give the truth with --truth-json")
+        ranges = {tuple(s["layer_range"]) for s in piece["sources"] if isinstance(s, dict)
+                  and isinstance(s.get("layer_range"), list) and len(s["layer_range"]) == 2}
+        layers = f" (layers {min(r[0] for r in ranges)}-{max(r[1] for r in ranges)})" if ranges else ""
+        params = _parameters(piece.get("parameters"), f"{where}: {at}.parameters")
+        groups.append(_RecipeGroup(f"{at}{layers}", [(f"{at}.sources[{i}]", e) for i, e in enumerate(piece["sources"])],
+                                   [(f"{at}.parameters", params), *chain], piece.get("base_model", base_ref), "sources"))
+    return groups
+
+
+def _group_truth(group: _RecipeGroup, method: str, where: str, yaml_dir: Path,
+                 resolved_atoms: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """Tasks and coefficients of one group (see :func:`read_mergekit_truth` for the rules)."""
+
+    def inherited(name: str) -> tuple[str, Any] | None:  # (field, value) of the nearest setting of ``name``
+        return next(((f"{field}.{name}", params[name]) for field, params in group.chain
+                     if params.get(name) is not None), None)
+
+    shared_weight = inherited("weight")
+    default = None if shared_weight is None else _number(shared_weight[1], f"{where}: {shared_weight[0]}")
+    base_ref = group.base_ref
     base_weight = None if base_ref is None else default  # linear: mergekit adds an unlisted base with it
     tasks: list[str] = []
     weights: list[float] = []
-    for i, entry in enumerate(data["models"]):
+    for at, entry in group.entries:
         ref = entry.get("model") if isinstance(entry, dict) else None
         if not isinstance(ref, str):
-            raise UnmergeError(f"{where}: models[{i}].model must be a string path")
-        params = _parameters(entry.get("parameters"), f"{where}: models[{i}].parameters")
+            raise UnmergeError(f"{where}: {at}.model must be a string path")
+        params = _parameters(entry.get("parameters"), f"{where}: {at}.parameters")
         own = "weight" in params
         weight = params["weight"] if own else default
         if ref == base_ref and method != "linear":  # the family never reads the base's weight
             continue
         if weight is not None:
-            weight = _number(weight, f"{where}: {f'models[{i}].' if own else ''}parameters.weight")
+            weight = _number(weight, f"{where}: {at}.parameters.weight" if own else f"{where}: {shared_weight[0]}"
+                             if shared_weight else f"{where}: parameters.weight")
         if ref == base_ref:
             base_weight = weight
             continue
-        task = _task_of_reference(ref, path.parent, resolved_atoms)
+        task = _task_of_reference(ref, yaml_dir, resolved_atoms)
         if task in tasks:
-            raise UnmergeError(f"{where}: models[{i}]: task {task!r} appears twice")
+            raise UnmergeError(f"{where}: {at}: task {task!r} appears twice")
         tasks.append(task)
         weights.append(1.0 if weight is None else weight)
     if not tasks:
-        raise UnmergeError(f"{where}: the models list names no constituent")
+        raise UnmergeError(f"{where}: the {group.label} list names no constituent")
     if not sum(weights) > 0:
-        raise UnmergeError(f"{where}: the models' {ZERO_SUM}")
+        raise UnmergeError(f"{where}: the {group.label}' {ZERO_SUM}" if group.label == "models"
+                           else f"{where}: {group.label}: the {ZERO_SUM}")
     scale = 1.0
+    normalize_at = inherited("normalize")
+    normalize_field = f"{where}: {normalize_at[0] if normalize_at else 'parameters.normalize'}"
     if method == "linear":
-        normalize = _flag(shared.get("normalize", True), f"{where}: parameters.normalize")
+        normalize = _flag(normalize_at[1] if normalize_at else True, normalize_field)
     else:
-        normalize = _flag(shared.get("normalize", TASK_ARITHMETIC_METHODS[method]), f"{where}: parameters.normalize")
-        scale = _number(shared.get("lambda", 1.0), f"{where}: parameters.lambda")
+        normalize = _flag(normalize_at[1] if normalize_at else TASK_ARITHMETIC_METHODS[method], normalize_field)
+        lambda_at = inherited("lambda")
+        scale = _number(lambda_at[1] if lambda_at else 1.0, f"{where}: {lambda_at[0] if lambda_at else 'parameters.lambda'}")
         if scale == 0:
-            raise UnmergeError(f"{where}: parameters.lambda: must be positive (got {shared['lambda']!r})")
+            raise UnmergeError(f"{where}: {lambda_at[0] if lambda_at else 'parameters.lambda'}: must be positive "
+                               f"(got {lambda_at[1] if lambda_at else 0!r})")
     coefficients = mergekit_coefficients(method, weights, normalize=normalize, lambda_=scale, base_weight=base_weight)
     assert coefficients is not None  # the method was checked above
-    return Truth(tuple(tasks), coefficients, str(path))
+    return tuple(tasks), coefficients
 
 
 def mergekit_coefficients(method: str, weights: Sequence[float], *, normalize: bool, lambda_: float = 1.0,

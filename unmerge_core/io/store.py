@@ -83,22 +83,51 @@ def safe_filename(label: str) -> str:
 
 
 def check_output_dir(path: Path) -> str | None:
-    """Why ``path`` cannot be used as an output directory (created if missing), or ``None``."""
+    """Why ``path`` cannot be used as an output directory (created if missing), or ``None``.
+
+    Besides existence and permissions: a folder name longer than the file system allows (NAME_MAX,
+    ENAMETOOLONG), a path longer than PATH_MAX, and a file system where nothing can be created
+    whatever the permission bits say (``/proc``, ``/sys``): a file is created there and removed.
+    """
     text = str(path)
     if "\x00" in text:
         return "contains a NUL byte"
     if not text.strip():
         return "is empty"
-    current = Path(os.path.abspath(path))
-    while not current.exists():
-        if current.parent == current:
+    absolute = os.path.abspath(path)
+    current = absolute  # os.path.exists, not Path.exists: a name over NAME_MAX raises in the latter
+    while not os.path.exists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
             return "has no existing parent directory"
-        current = current.parent
-    if not current.is_dir():
-        return f"{current} is a file, not a directory" if current != Path(os.path.abspath(path)) else \
-            "is a file, not a directory"
+        current = parent
+    if not os.path.isdir(current):
+        return f"{current} is a file, not a directory" if current != absolute else "is a file, not a directory"
+    try:
+        name_max, path_max = os.pathconf(current, "PC_NAME_MAX"), os.pathconf(current, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max, path_max = 255, 4096
+    for part in Path(os.path.relpath(absolute, current)).parts:  # the folders still to be made
+        if len(os.fsencode(part)) > name_max:
+            shown = part if len(part) <= 24 else part[:20] + "…"
+            return (f"the folder name {shown!r} is {len(os.fsencode(part))} bytes long; a file name may have at most "
+                    f"{name_max} bytes here")
+    if len(os.fsencode(absolute)) >= path_max:
+        return f"is too long ({len(os.fsencode(absolute))} bytes; a path may have at most {path_max - 1} here)"
     if not os.access(current, os.W_OK | os.X_OK):
         return f"cannot write in {current} (permission denied)"
+    try:
+        tmpfile = getattr(os, "O_TMPFILE", 0)
+        if not tmpfile:
+            raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE")
+        os.close(os.open(current, tmpfile | os.O_WRONLY, 0o600))  # an unnamed file: nothing left behind
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return f"cannot create a file in {current} ({exc.strerror or exc})"
+        try:  # a file system without unnamed files (or /proc): a named folder, cleaned up if we die
+            os.rmdir(tempfile.mkdtemp(dir=current, prefix=temp_prefix("probe.")))
+        except OSError as exc2:
+            return f"cannot create a folder in {current} ({exc2.strerror or exc2}; a virtual or read-only file system?)"
     return None
 
 
@@ -147,6 +176,33 @@ def dumps_json(data: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+"""The process's umask, read once at import (reading it means setting it, which is not thread safe)."""
+
+
+def _share_like_open(path: str | Path, directory: bool = False) -> None:
+    """Give a file or directory made by ``mkstemp`` / ``mkdtemp`` (always 0600 / 0700) the mode ``open``
+    / ``mkdir`` would have given it under the umask, so a store shared by a team stays readable."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~UMASK)
+
+
+def _share_tree(root: Path) -> None:
+    """:func:`_share_like_open` for every file and directory under ``root`` (symbolic links untouched)."""
+    for directory, folders, files in os.walk(root):
+        for name in folders:
+            if not os.path.islink(os.path.join(directory, name)):
+                _share_like_open(os.path.join(directory, name), directory=True)
+        for name in files:
+            if not os.path.islink(os.path.join(directory, name)):
+                _share_like_open(os.path.join(directory, name))
+
+
 def temp_prefix(tag: str = "") -> str:
     """Prefix of a temporary name owned by this process (see :func:`clean_stale_temporaries`)."""
     return f"{TEMP_MARK}.{_HOST}.{os.getpid()}.{tag}"
@@ -158,6 +214,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        _share_like_open(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -181,6 +238,7 @@ def atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor | np.ndar
     os.close(fd)
     try:
         save_file(as_torch, tmp, metadata=dict(metadata) if metadata else None)
+        _share_like_open(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -203,7 +261,7 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies: a team store can share its locks
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -284,14 +342,42 @@ class ArtifactStore:
             if self.exists(kind, key):
                 return final
             tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(key + ".")))
+            _share_like_open(tmp, directory=True)
             try:
                 build(tmp)
+                _share_tree(tmp)  # what a plugin wrote with its own library (safetensors writes 0600)
                 atomic_write_json(tmp / "DONE", {"key": key, **(meta or {})})
                 _install(tmp, final)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+    def discard(self, kind: str, key: str) -> bool:
+        """Remove a finished artifact (``unmerge run --redo``), under its key's lock so no producer of
+        the same key is between its check and its rename; return whether there was one."""
+        final = self.path(kind, key)
+        if not final.exists():
+            return False
+        with file_lock(self.root / "cache" / ".locks" / f"{kind}.{key}"):
+            return remove_tree(final)
+
+
+def remove_tree(path: Path) -> bool:
+    """Remove a file or directory atomically as far as readers can tell: renamed aside first (a reader
+    sees it whole or not at all), then deleted. Return whether anything was there."""
+    if not os.path.lexists(path):
+        return False
+    aside = path.parent / (temp_prefix("removed.") + path.name)
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+    return True
 
 
 def _install(tmp: Path, final: Path) -> None:

@@ -21,23 +21,22 @@ from typing import Any
 import numpy as np
 
 from unmerge_core.config.manifest import PER_LAYER_PLUGIN
-from unmerge_core.config.registry import Registry
+from unmerge_core.config.registry import Registry, nearest_registry, packaged_registry
 from unmerge_core.config.targets import (
-    TASK_ARITHMETIC_METHODS,
     Truth,
     detect_kind,
     read_mergekit_truth,
     read_truth_json,
     truth_group,
 )
-from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
+from unmerge_core.errors import UnmergeError, plugin_errors
 from unmerge_core.io.adapters import LoraAdapter, check_orientation, common_modules, dropped_modules, model_types
 from unmerge_core.io.checkpoints import Checkpoint, model_config
-from unmerge_core.io.masks import masked_vector
+from unmerge_core.io.masks import check_mask, masked_vector
 from unmerge_core.io.store import check_output_dir, derive_seed, to_jsonable
 from unmerge_core.io.target_reader import TargetReader, target_deltas
 from unmerge_core.manager import PluginManager, ResolvedPlugin
-from unmerge_core.pipeline.scoring import ScoreLoop, ScoreTarget, dictionary_warnings
+from unmerge_core.pipeline.scoring import ScoreLoop, ScoreTarget, dictionary_warnings, identical_atoms
 from unmerge_core.report.attribution import (
     DEFAULT_OOD_THRESHOLD,
     DEFAULT_SUPPORT_THRESHOLD,
@@ -88,11 +87,21 @@ def load_dictionary(directory: Path | None, pairs: Sequence[tuple[str, Path]] = 
         if (directory / "adapter_config.json").is_file():
             raise UnmergeError(f"--dictionary {directory}: is itself an adapter; pass the folder that holds one "
                                "adapter folder per skill, or --adapter NAME=PATH")
-        for sub in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        home = directory.resolve()
+
+        def real(path: Path) -> bool:  # not a link to the dictionary, into it, or to a folder holding it
+            target = path.resolve()
+            if path.is_symlink() and (target == home or home in target.parents or target in home.parents):
+                echo(f"warning: --dictionary: skipping {path} (a symbolic link back into the dictionary, to "
+                     f"{target}: its adapters would be counted twice)")
+                return False
+            return True
+
+        for sub in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".") and real(p)):
             if (sub / "adapter_config.json").is_file():
                 found.append((sub.name, sub.name, sub))
                 continue
-            runs = sorted(r for r in sub.iterdir() if r.is_dir() and (r / "adapter_config.json").is_file())
+            runs = sorted(r for r in sub.iterdir() if r.is_dir() and (r / "adapter_config.json").is_file() and real(r))
             if runs:
                 found += [(f"{sub.name}/{r.name}", sub.name, r) for r in runs]
             else:
@@ -126,9 +135,7 @@ def build_mask(adapters: Sequence[LoraAdapter], masker: Any, label: str) -> Mask
         raise UnmergeError("the dictionary adapters share no module: nothing to compare on")
     with plugin_errors("masker", label):
         mask = masker.build_mask(list(adapters))
-    if not isinstance(mask, Mask) or mask.size == 0:
-        raise PluginError("masker", label, "returned an empty mask or not a Mask")
-    return mask
+    return check_mask(mask, adapters, label)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,6 +241,11 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
     mask = build_mask(adapters, built_masker, masker.label)
     vectors = {a.name: masked_vector(a, mask) for a in adapters}
     dictionary = np.stack([vectors[a] for a in atom_names], axis=1)
+    for first, second in identical_atoms(dictionary, atom_names, tuple(skill_of[a] for a in atom_names))[:1]:
+        paths = {a.name: a.adapter.path for a in atoms}
+        raise UnmergeError(f"dictionary adapters {first!r} ({paths[first]}) and {second!r} ({paths[second]}) are "
+                           "identical (the same ΔW on the mask): no decomposer can tell their skills apart; remove "
+                           "one, or put both in one skill's folder if they are trainings of one skill")
     for line in dictionary_warnings(dictionary, atom_names):
         warn(line)
 
@@ -262,7 +274,7 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
     context = None
     if request.verify:
         assert base is not None and request.base is not None
-        tasks = verification_tasks(request, sorted(set(skill_of.values())), warn)
+        tasks = verification_tasks(request, sorted(set(skill_of.values())), warn, lambda m: echo(f"note: {m}"))
         paths = dict(request.targets)
         context = RunContext({a.name: a.adapter.path for a in atoms}, tasks, mask, None, request.seed,
                              request.output_dir, tuple(t.spec for t in targets),
@@ -312,14 +324,27 @@ def _verify_defaults(metric: str, n_targets: int) -> dict[str, Any]:
     return {"targets_per_cell": max(n_targets, 1)} if metric == VERIFY_METRIC else {}
 
 
-def verification_tasks(request: AttributeRequest, skills: Sequence[str], warn: Callable[[str], None]) -> dict[str, TaskInfo]:
+def verification_tasks(request: AttributeRequest, skills: Sequence[str], warn: Callable[[str], None],
+                       note: Callable[[str], None] | None = None) -> dict[str, TaskInfo]:
     """Task data for each skill to verify: ``--task-data SKILL=FILE.jsonl``, ``--task SKILL=TASK`` in the
-    registry, or the registry task named like the skill. Skills without data are not verified (warned)."""
+    registry, or the registry task named like the skill. Skills without data are not verified (warned).
+
+    The registry is ``--registry``, else the nearest ``registry.toml`` from the current folder up, else the
+    one shipped with the package; which file was used is said through ``note``, and that none was found
+    at all is warned once (not once per skill)."""
     registry = None
     if request.registry is not None or any(s not in request.task_data for s in skills):
-        path = request.registry or _nearest_registry()
+        path, origin = request.registry, "--registry"
+        if path is None and (path := nearest_registry(Path.cwd())) is not None:
+            origin = "the nearest registry.toml to the current folder"
+        if path is None and (path := packaged_registry()) is not None:
+            origin = "the registry shipped with unmerge"
         if path is not None:
             registry = Registry.load(path)
+            (note or warn)(f"--verify: task data from {path} ({origin})")
+        else:
+            warn("--verify: no registry.toml found (none in the current folder or above it, and none shipped "
+                 "with this installation): pass --registry FILE, --task SKILL=TASK or --task-data SKILL=FILE.jsonl")
     tasks: dict[str, TaskInfo] = {}
     for skill in skills:
         if skill in request.task_data:
@@ -335,9 +360,9 @@ def verification_tasks(request: AttributeRequest, skills: Sequence[str], warn: C
         elif skill in request.task_names:
             where = registry.path if registry is not None else "no registry found"
             raise UnmergeError(f"--task {skill}={name}: no task {name!r} in {where}")
-        else:
-            warn(f"--verify: no task data for skill {skill!r} (no registry task of that name; pass --task "
-                 f"{skill}=TASK or --task-data {skill}=FILE.jsonl): its attributions are not verified")
+        elif registry is not None:  # (no registry at all was said once above)
+            warn(f"--verify: no task data for skill {skill!r} (no task of that name in {registry.path}; pass "
+                 f"--task {skill}=TASK or --task-data {skill}=FILE.jsonl): its attributions are not verified")
     for option, given in (("--task", request.task_names), ("--task-data", request.task_data)):
         for skill in given:
             if skill not in skills:
@@ -346,13 +371,6 @@ def verification_tasks(request: AttributeRequest, skills: Sequence[str], warn: C
     if not tasks:
         raise UnmergeError("--verify: no skill of the dictionary has task data; pass --registry, --task or --task-data")
     return tasks
-
-
-def _nearest_registry() -> Path | None:
-    for parent in [Path.cwd(), *Path.cwd().parents]:
-        if (parent / "registry.toml").is_file():
-            return parent / "registry.toml"
-    return None
 
 
 def check_request(request: AttributeRequest) -> None:
@@ -395,15 +413,13 @@ def _with_threshold(manager: PluginManager, metric: str, params: Mapping[str, An
 
 
 def recipe_has_truth(recipe: Path) -> bool:
-    """Whether a mergekit recipe's method states each constituent's coefficient (``--truth`` reads it)."""
-    import yaml
-
+    """Whether ``--truth`` can read a mergekit recipe: its method states each constituent's coefficient,
+    and its slices or modules (if any) agree (so the suggestion printed for it works when followed)."""
     try:
-        data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+        read_mergekit_truth(recipe, {})
+    except (UnmergeError, OSError, ValueError):
         return False
-    method = data.get("merge_method") if isinstance(data, dict) else None
-    return method == "linear" or method in TASK_ARITHMETIC_METHODS
+    return True
 
 
 def resolve_decomposer(manager: PluginManager, name: str, params: Mapping[str, Any]) -> ResolvedPlugin:

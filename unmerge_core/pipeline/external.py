@@ -41,8 +41,10 @@ from unmerge_core.types import Mask, MergeJob
 
 
 def score_external_targets(manifest: Manifest, loop: ScoreLoop, mask: Mask, store: ArtifactStore, run_dir: Path,
-                           warn: Callable[[str], None]) -> list[Scored]:
+                           warn: Callable[[str], None], redo: bool = False) -> list[Scored]:
     """Decompose and score a manifest's ``[[targets]]`` with the run's loop; write ``attribution.*``.
+
+    ``redo`` reads each target's files again instead of its cached vector (``unmerge run --redo merger``).
 
     Returns the scored (target, decomposer) pairs, for the run's result table.
     """
@@ -61,6 +63,8 @@ def score_external_targets(manifest: Manifest, loop: ScoreLoop, mask: Mask, stor
         key = content_key("external", kind, str(path.resolve()), _signature(path),
                           None if base_path is None or kind == "adapter" else _signature(base_path), digest,
                           core_identity())
+        if redo:
+            store.discard("external", key)
         vector, warnings = _cached_vector(store, key, reader, path, kind, name)
         for w in warnings:
             warn(w)

@@ -32,7 +32,7 @@ from unmerge_core.config.manifest import Manifest, ResolvedPlugin
 from unmerge_core.config.targets import manifest_model
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
 from unmerge_core.io.adapters import LoraAdapter
-from unmerge_core.io.masks import load_mask, masked_vector, save_mask
+from unmerge_core.io.masks import check_mask, load_mask, masked_vector, save_mask
 from unmerge_core.io.store import (
     ArtifactStore,
     atomic_save_tensors,
@@ -42,6 +42,7 @@ from unmerge_core.io.store import (
     content_key,
     derive_seed,
     load_tensors,
+    remove_tree,
 )
 from unmerge_core.pipeline.delta_pass import StatisticsRequest, shared_pass
 from unmerge_core.pipeline.executor import Executor, SequentialExecutor, progress
@@ -65,12 +66,14 @@ from unmerge_core.pipeline.merging import (
 )
 from unmerge_core.pipeline.parallel import blas_threads
 from unmerge_core.pipeline.protocol import generate_targets
+from unmerge_core.pipeline.run_directory import RunDirectory, manifest_identity, redo_stages
 from unmerge_core.pipeline.scoring import (
     ScoreLoop,
     ScoreTarget,
     check_decomposition,
     decompose_unit,
     dictionary_warnings,
+    identical_atoms,
 )
 from unmerge_core.report.files import write_results
 from unmerge_core.report.tables import ResultTable
@@ -88,6 +91,7 @@ __all__ = ["RunResult", "Runner", "StageTiming", "check_decomposition", "decompo
            "masked_vector", "plugin_errors", "read_status", "save_mask"]
 
 STATUS_FILE = "run.json"
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,6 +264,12 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {"status": "unknown"}
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if isinstance(exc, UnmergeError) else f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
@@ -284,10 +294,12 @@ class Runner:
         progress: Show progress bars.
         plots: Write the PNG plots (``--no-plots`` turns them off).
         echo: Where to print notes and warnings (standard error by default).
+        redo: Recompute this stage's cached work and every later stage's (:func:`redo_stages`):
+            ``trainer``, ``masker``, ``merger``, ``decomposer``, ``metric`` or ``all``.
     """
 
     def __init__(self, manifest: Manifest, *, executor: Executor | None = None, progress: bool = True,
-                 echo: Callable[[str], None] = _stderr, plots: bool = True) -> None:
+                 echo: Callable[[str], None] = _stderr, plots: bool = True, redo: str | None = None) -> None:
         self.m = manifest
         self.run_dir = manifest.run_dir
         self.store = ArtifactStore(manifest.store_dir)
@@ -298,6 +310,10 @@ class Runner:
         self.timings: list[StageTiming] = []
         self.warnings: list[str] = []
         self._stage_name = "start"
+        self.redo = redo_stages(redo)
+        self._redone: set[tuple[str, str]] = set()
+        self._directory = RunDirectory(self.run_dir, manifest_identity(manifest.path, self._manifest_text()),
+                                       manifest.path, keep=(self.store.root / "cache",))
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -319,7 +335,33 @@ class Runner:
                                         count.reused, time.process_time() - cpu_start))
 
     def run(self) -> RunResult:
-        self._open_run_dir()
+        """Run every stage; ``run.json`` ends ``complete``, or ``failed`` / ``interrupted`` with the error."""
+        self._claim_run_dir()
+        try:
+            self._open_run_dir()
+            return self._run()
+        except KeyboardInterrupt:
+            self._try_status("interrupted")
+            raise
+        except BaseException as exc:
+            self._try_status("failed", error=_first_line(exc))
+            raise
+        finally:
+            self._directory.release()
+
+    def _try_status(self, status: str, error: str | None = None) -> None:
+        try:
+            self._write_status(status, error)
+        except OSError:  # a full disk or a vanished directory: the error itself is what the user sees
+            pass
+
+    def _forget(self, stage: str, kind: str, key: str) -> None:
+        """Under ``--redo``: remove a cached artifact of ``stage`` before its stage runs (once per run)."""
+        if stage in self.redo and (kind, key) not in self._redone:
+            self._redone.add((kind, key))
+            self.store.discard(kind, key)
+
+    def _run(self) -> RunResult:
         adapter_dirs = self.train()
         specs = generate_targets(self.m)
         mask_dir = self.build_mask(adapter_dirs, specs)
@@ -329,6 +371,9 @@ class Runner:
         atom_names = tuple(a.name for a in atoms)
         skills = tuple(a.skill for a in atoms) if self.m.file.tasks.dictionary_variants else ()
         dictionary = np.stack([vectors[a] for a in atom_names], axis=1)
+        for first, second in identical_atoms(dictionary, atom_names, skills)[:1]:
+            raise UnmergeError(f"dictionary tasks {first!r} and {second!r} have identical adapters (the same ΔW on "
+                               "the mask): no decomposer can tell them apart; give each task its own adapter")
         for message in dictionary_warnings(dictionary, atom_names):
             self.warn(message)
         base_model = self.full_weight_base(specs, adapter_dirs)
@@ -347,7 +392,8 @@ class Runner:
                                                                          mask_dir.name),
             evaluation_key=content_key(adapter_keys, mask_dir.name, self.m.mergers_config(),
                                        [s.target_id for s in specs]),
-            executor=self.executor, show_progress=self.progress)
+            executor=self.executor, show_progress=self.progress,
+            redo_decompositions="decomposer" in self.redo, redo_metrics="metric" in self.redo)
         table = ResultTable(atom_names=atom_names)
         score_targets = [ScoreTarget(s, targets[s.target_id][0], targets[s.target_id][1]) for s in specs]
         with self.stage("decomposer", len(score_targets) * len(self.m.decomposers)) as count, blas_threads():
@@ -360,7 +406,8 @@ class Runner:
         if self.m.file.targets:
             extended = loop.with_metrics([(r, r.build()) for r in self.m.report_metrics])
             with self.stage("external-targets", len(self.m.file.targets) * len(self.m.decomposers)), blas_threads():
-                for scored in score_external_targets(self.m, extended, mask, self.store, self.run_dir, self.warn):
+                for scored in score_external_targets(self.m, extended, mask, self.store, self.run_dir, self.warn,
+                                                     redo="merger" in self.redo):
                     table.add(scored.decomposer, scored.spec, scored.decomposition, scored.metrics)
         with self.stage("report"):
             write_results(self.run_dir, table, self.m.name, self.warnings, plots=self.plots)
@@ -369,26 +416,47 @@ class Runner:
         return RunResult(self.run_dir, table, self.timings, self.warnings)
 
     # -- run directory -----------------------------------------------------------------------------
-    def _open_run_dir(self) -> None:
+    def _claim_run_dir(self) -> None:
+        """Create the run directory and hold it for this manifest (:mod:`.run_directory`); the first run
+        to hold it clears the previous run's results, after noting how that run ended."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UnmergeError(f"cannot create the run directory {self.run_dir}: {exc.strerror or exc}") from None
         previous = read_status(self.run_dir)
-        if previous is not None and previous.get("status") != "complete":
-            self.echo(f"note: {self.run_dir} holds an incomplete run (stopped during "
-                      f"'{previous.get('stage', 'unknown')}': killed or crashed); finished work is reused")
+        self._directory.claim()
+        if previous is not None and self._directory.first:
+            self._note_previous(previous)
+
+    def _open_run_dir(self) -> None:
         removed = clean_stale_temporaries(self.run_dir) + (
             clean_stale_temporaries(self.store.root) if self.store.root != self.run_dir else 0)
         if removed:
             self.echo(f"note: removed {removed} temporary file(s) left by a killed run")
         self._write_status("running")
-        atomic_write_text(self.run_dir / "manifest.toml", self.m.path.read_text(encoding="utf-8-sig"))
+        atomic_write_text(self.run_dir / "manifest.toml", self._manifest_text())
 
-    def _write_status(self, status: str) -> None:
+    def _manifest_text(self) -> str:
+        return self.m.path.read_text(encoding="utf-8-sig")
+
+    def _note_previous(self, previous: Mapping[str, Any]) -> None:
+        """Say how the directory's previous run ended, when it did not complete."""
+        status, stage = previous.get("status"), previous.get("stage", "unknown")
+        if status == "complete":
+            return
+        if status == "failed":
+            how = f"failed during '{stage}': {previous.get('error') or 'an error'}"
+        elif status == "interrupted":
+            how = f"was interrupted during '{stage}'"
+        else:
+            how = f"stopped during '{stage}': killed or crashed"
+        self.echo(f"note: the previous run in {self.run_dir} {how}; finished work is reused")
+
+    def _write_status(self, status: str, error: str | None = None) -> None:
         atomic_write_json(self.run_dir / STATUS_FILE, {
             "status": status, "stage": self._stage_name if status != "complete" else None,
             "manifest": str(self.m.path), "unmerge": __version__, "warnings": self.warnings,
+            **({"error": error} if error else {}),
         })
 
     # -- stages ------------------------------------------------------------------------------------
@@ -423,6 +491,11 @@ class Runner:
                            self.store.root, workspace if not variant else
                            self.store.root / "cache" / "workspace" / content_key(trainer.config()), i)
                  for i, (variant, trainer, task) in enumerate(plans)]
+        if "trainer" in self.redo:
+            for unit in units:
+                self._forget("trainer", "adapters", unit.key)
+            for workspace_dir in {u.workspace for u in units}:  # what the trainer built besides adapters
+                remove_tree(workspace_dir)
         reused = sum(self.store.exists("adapters", u.key) for u in units)
         with self.stage("trainer", len(units), reused):
             paths = self.executor.map(train_unit, units, desc=f"train ({self.m.trainer.label})")
@@ -436,6 +509,7 @@ class Runner:
         that ``specs`` need are made in the same pass and stored for the merge-statistics stage."""
         atoms = self.m.atoms
         key = content_key("mask", self.m.masker.config(), [self.training_key(a.name) for a in atoms])
+        self._forget("masker", "masks", key)
         reused = int(self.store.exists("masks", key))
         requests = [] if reused else self._shared_statistics(specs, key)
 
@@ -453,8 +527,7 @@ class Runner:
             else:
                 with plugin_errors("masker", self.m.masker.label):
                     mask = masker.build_mask(adapters)
-            if not isinstance(mask, Mask) or mask.size == 0:
-                raise PluginError("masker", self.m.masker.label, "returned an empty mask or not a Mask")
+            mask = check_mask(mask, adapters, self.m.masker.label)
             save_mask(tmp, mask)
             if shared is not None:  # the dictionary's statistics, for the merge-statistics stage to reuse
                 for (_, training, stats_key), result in zip(requests, shared.statistics):
@@ -476,6 +549,7 @@ class Runner:
                 continue
             for training in constituent_trainings(spec):
                 stats_key = statistics_key(self.training_key(training), merger, mask_key)
+                self._forget("merger", "merge-stats", stats_key)
                 if training in atoms and not self.store.exists("merge-stats", stats_key):
                     wanted.setdefault((plugin.label, training), (plugin, training, stats_key))
         return [wanted[k] for k in sorted(wanted)]
@@ -526,6 +600,7 @@ class Runner:
             if on_base:  # a full-weight target also depends on the base model's files
                 key_parts.append(base_fingerprint(base_model))  # type: ignore[arg-type]
             key = content_key("target", *key_parts)
+            self._forget("merger", "targets", key)
             units.append(MergeUnit(plugin, spec, key, tuple(adapter_dirs[n] for n in names),
                                    mask_dir, self.store.root, vectors_path if fast else None,
                                    tuple(stats.get((plugin.label, n)) for n in names), names,
@@ -557,6 +632,8 @@ class Runner:
             return {}
         keys = sorted(wanted)
         units = [wanted[k] for k in keys]
+        for unit in units:
+            self._forget("merger", "merge-stats", unit.key)
         reused = sum(self.store.exists("merge-stats", u.key) for u in units)
         with self.stage("merge-statistics", len(units), reused):
             paths = self.executor.map(statistics_unit, units, desc="merge statistics")

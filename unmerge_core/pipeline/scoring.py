@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from unmerge_core.errors import PluginError, plugin_errors
+from unmerge_core.errors import PluginError, plugin_errors, short_repr
 from unmerge_core.io.store import (
     atomic_save_tensors,
     atomic_write_json,
@@ -216,14 +216,23 @@ def load_decomposition(path: Path, problem: DecompositionProblem) -> Decompositi
 # --------------------------------------------------------------------------------------------------
 
 
+TABLE_COLUMNS = ("decomposer", "target_id", "group", "method", "true_tasks", "true_weights", "n")
+"""The results table's own columns (``per_target.*``, ``summary.*``; and every ``coef[atom]``): no metric's."""
+
+
 def metric_values(metric: Any, label: str, evaluation: TargetEvaluation) -> dict[str, float | None]:
-    """One metric's values for one evaluation; NaN becomes ``None`` (undefined); non-numbers are refused."""
+    """One metric's values for one evaluation; NaN becomes ``None`` (undefined); non-numbers, and a
+    column of the results table's own (:data:`TABLE_COLUMNS`), are refused."""
     with plugin_errors("metric", label):
         raw = metric.compute(evaluation)
     if not isinstance(raw, Mapping):
         raise PluginError("metric", label, f"returned {type(raw).__name__}, expected a mapping of column -> value")
     values: dict[str, float | None] = {}
     for key, value in raw.items():
+        if str(key) in TABLE_COLUMNS or str(key).startswith("coef["):
+            raise PluginError("metric", label, f"returned column {short_repr(str(key))} (one of the results "
+                                               f"table's own columns: {', '.join(TABLE_COLUMNS)}, coef[atom]); "
+                                               "name it otherwise")
         if value is None:
             values[str(key)] = None
             continue
@@ -231,7 +240,11 @@ def metric_values(metric: Any, label: str, evaluation: TargetEvaluation) -> dict
             value = float(value)
         if not isinstance(value, (int, float, np.integer, np.floating)):
             raise PluginError("metric", label, f"column {key!r} is {type(value).__name__}, expected a number or None")
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise PluginError("metric", label, f"column {key!r} is an integer too large for a float "
+                                               f"(target {evaluation.target_id})") from None
         values[str(key)] = None if math.isnan(number) else number
         if math.isinf(number):
             raise PluginError("metric", label, f"column {key!r} is infinite (target {evaluation.target_id})")
@@ -268,6 +281,36 @@ def dictionary_warnings(dictionary: np.ndarray, atom_names: Sequence[str]) -> li
     return out
 
 
+IDENTICAL_ATOM_TOLERANCE = 1e-6
+"""Two atoms are the same when ``‖a − b‖ ≤ IDENTICAL_ATOM_TOLERANCE · max(‖a‖, ‖b‖)`` on the mask (a copy,
+or the same ΔW factored differently: equal up to float rounding)."""
+
+
+def identical_atoms(dictionary: np.ndarray, atom_names: Sequence[str],
+                    skills: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """Pairs of non-zero atoms of different skills whose masked vectors are the same (see
+    :data:`IDENTICAL_ATOM_TOLERANCE`), in dictionary order.
+
+    No decomposer can say which of two such atoms a target holds, and a skill test (``skill-fdr``) then
+    finds neither skill significant: callers refuse such a dictionary. Identical trainings of one skill
+    (``skills`` equal) are left to :func:`dictionary_warnings`: the skill is still one group of columns.
+    ``skills`` empty: every atom is its own skill."""
+    columns = np.asarray(dictionary, dtype=np.float64)
+    norms = np.linalg.norm(columns, axis=0)
+    order = [j for j in np.argsort(norms, kind="stable") if norms[j] > 0]
+    pairs: list[tuple[str, str]] = []
+    for i, a in enumerate(order):  # equal vectors have equal norms: compare neighbours in norm order only
+        for b in order[i + 1:]:
+            scale = max(norms[a], norms[b])
+            if norms[b] - norms[a] > IDENTICAL_ATOM_TOLERANCE * scale:
+                break
+            if skills and skills[a] == skills[b]:
+                continue
+            if np.linalg.norm(columns[:, a] - columns[:, b]) <= IDENTICAL_ATOM_TOLERANCE * scale:
+                pairs.append((atom_names[min(a, b)], atom_names[max(a, b)]))
+    return sorted(pairs, key=lambda p: (list(atom_names).index(p[0]), list(atom_names).index(p[1])))
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
@@ -291,6 +334,8 @@ class ScoreLoop:
         executor: Runs the decomposition units.
         show_progress: Progress bars.
         skills: The skill of each atom when a skill has several atoms (empty: one atom per skill).
+        redo_decompositions: Recompute cached decompositions once (``unmerge run --redo decomposer``).
+        redo_metrics: Recompute cached metric values once (``--redo metric``).
     """
 
     def __init__(self, atom_names: Sequence[str], dictionary: np.ndarray, groups: Mapping[str, slice],
@@ -298,7 +343,7 @@ class ScoreLoop:
                  task_vectors: Mapping[str, np.ndarray] | None = None, categories: Mapping[str, str] | None = None,
                  context: RunContext | None = None, cache_dir: Path | None = None, dictionary_key: str = "",
                  evaluation_key: str = "", executor: Executor | None = None, show_progress: bool = False,
-                 skills: Sequence[str] = ()) -> None:
+                 skills: Sequence[str] = (), redo_decompositions: bool = False, redo_metrics: bool = False) -> None:
         self.atom_names = tuple(atom_names)
         self.skills = tuple(skills)
         self.dictionary = read_only(dictionary)
@@ -317,6 +362,9 @@ class ScoreLoop:
         self._gram: DictionaryGram | None = None
         self.reused_decompositions = 0  # decompositions loaded from the cache instead of computed
         self.reused_metric_sets = 0  # decompositions whose every metric value came from the cache
+        self.redo_decompositions = redo_decompositions
+        self.redo_metrics = redo_metrics
+        self._redone: set[Path] = set()  # cache files recomputed by this loop under ``redo_*``
 
     @property
     def gram(self) -> DictionaryGram:
@@ -347,6 +395,9 @@ class ScoreLoop:
                                                self.groups, seed, self.skills, self.gram)
                 key = self._decomposition_key(target, plugin, seed)
                 cache = None if key is None else self.cache_dir / "decompositions" / f"{key}.json"  # type: ignore[operator]
+                if cache is not None and self.redo_decompositions and cache not in self._redone:
+                    self._redone.add(cache)
+                    cache.unlink(missing_ok=True)
                 units.append(DecomposeUnit(plugin, problem, target.spec.target_id, cache))
                 meta.append((target, plugin, problem, key))
         self.reused_decompositions += sum(1 for u in units if u.cache is not None and u.cache.is_file())
@@ -361,9 +412,17 @@ class ScoreLoop:
         for target, plugin, problem, result, key in progress(items, desc=desc, enabled=self.show_progress):
             evaluation = self.evaluation(target, plugin.label, restored(result, problem))
             values: dict[str, float | None] = {}
+            owners: dict[str, str] = {}  # column -> the metric that returned it
             all_cached = True
             for ref, metric in self.metrics:
                 computed, cached = self._metric(ref, metric, evaluation, key)
+                for column in computed:
+                    if column in owners:
+                        raise PluginError("metric", ref.label, f"returned column {short_repr(column)}, which metric "
+                                                               f"'{owners[column]}' returns too; a column belongs to "
+                                                               f"one metric: rename it (e.g. "
+                                                               f"{short_repr(f'{ref.label}.{column}')})")
+                    owners[column] = ref.label
                 values.update(computed)
                 all_cached &= cached
             self.reused_metric_sets += int(all_cached and bool(self.metrics))
@@ -384,6 +443,9 @@ class ScoreLoop:
             return metric_values(metric, ref.label, evaluation), False
         path = self.cache_dir / "metric-values" / (content_key("metric", ref.config(), decomposition_key,
                                                                self.evaluation_key) + ".json")
+        if self.redo_metrics and path not in self._redone:
+            self._redone.add(path)
+            path.unlink(missing_ok=True)
         if path.is_file():
             try:
                 cached = json.loads(path.read_text())["values"]

@@ -52,3 +52,38 @@ def test_pyproject_ships_the_registry_as_package_data() -> None:
     assert "registry.toml" in config["tool"]["setuptools"]["package-data"]["unmerge_core"]
     assert (REPO / "unmerge_core" / "registry.toml").resolve() == (REPO / "registry.toml").resolve()
 
+
+def _verify_request(**kw):
+    from unmerge_core.pipeline.attribute import AttributeRequest
+
+    return AttributeRequest(targets=[], output_dir=Path("out"), verify=True, **kw)
+
+
+def test_verify_outside_the_repository_uses_the_shipped_registry_and_says_so(tmp_path, monkeypatch) -> None:
+    from unmerge_core.config.registry import packaged_registry
+    from unmerge_core.pipeline.attribute import verification_tasks
+
+    monkeypatch.chdir(tmp_path)  # no registry.toml here or above
+    said: list[str] = []
+    noted: list[str] = []
+    tasks = verification_tasks(_verify_request(), ["reverse-words", "mystery"], said.append, noted.append)
+    assert tasks["reverse-words"].source["generator"] == "reverse-words"
+    assert noted == [f"--verify: task data from {packaged_registry()} (the registry shipped with unmerge)"]
+    assert len(said) == 1 and "'mystery'" in said[0] and str(packaged_registry()) in said[0]
+
+
+def test_verify_with_no_registry_at_all_says_so_once(tmp_path, monkeypatch) -> None:
+    import unmerge_core.pipeline.attribute as attribute
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(attribute, "packaged_registry", lambda: None)
+    said: list[str] = []
+    with pytest.raises(UnmergeError, match="no skill of the dictionary has task data"):
+        attribute.verification_tasks(_verify_request(), [f"s{i}" for i in range(8)], said.append)
+    assert len(said) == 1 and "no registry.toml found" in said[0] and "no registry task of that name" not in said[0]
+
+
+def test_available_outside_the_repository_reads_the_shipped_registry(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["plugins", "--available", "--json"]) == 0
+    assert "bic-nnls" in {r["name"] for r in json.loads(capsys.readouterr().out)}

@@ -271,3 +271,87 @@ def test_family_never_reads_the_base_weight(tmp_path: Path) -> None:
 def test_huge_yaml_integer_weight_is_refused(tmp_path: Path) -> None:
     message = refusal(tmp_path, f"merge_method: linear\nmodels:\n  - model: a\n    parameters: {{weight: {10**400}}}\n")
     assert message.startswith("models[0].parameters.weight: must be a finite number from 0 to 1,000,000 (got 1000")
+
+
+# --------------------------------------------------------------------------------------------------
+# mergekit's slices: and modules: forms (issue 20, item 14)
+# --------------------------------------------------------------------------------------------------
+
+SLICES = """
+    merge_method: linear
+    base_model: ./base
+    slices:
+      - sources:
+          - model: ./fm/alpha
+            layer_range: [0, 2]
+            parameters: {weight: 0.6}
+          - model: ./fm/beta
+            layer_range: [0, 2]
+            parameters: {weight: 0.2}
+      - sources:
+          - model: ./fm/alpha
+            layer_range: [2, 4]
+            parameters: {weight: 0.6}
+          - model: ./fm/beta
+            layer_range: [2, 4]
+        parameters: {weight: 0.2}
+    parameters: {normalize: false}
+"""
+
+
+def test_slices_that_agree_on_every_layer_range_are_one_truth(tmp_path: Path) -> None:
+    """`--truth` was suggested for slices: recipes, then refused them with "no 'models:' list"."""
+    truth = truth_of(tmp_path, SLICES)
+    assert truth.tasks == ("alpha", "beta") and truth.weights == pytest.approx((0.6, 0.2))
+
+
+def test_slices_with_other_weights_per_layer_range_are_refused_in_one_line(tmp_path: Path) -> None:
+    message = refusal(tmp_path, SLICES.replace("parameters: {weight: 0.2}\n    parameters",
+                                               "parameters: {weight: 0.3}\n    parameters"))
+    assert "slices[1] (layers 2-4)" in message and "slices[0] (layers 0-2)" in message
+    assert "--truth-json" in message
+
+
+def test_modules_form_with_models_or_slices(tmp_path: Path) -> None:
+    truth = truth_of(tmp_path, """
+        merge_method: task_arithmetic
+        base_model: ./base
+        modules:
+          text_decoder:
+            models:
+              - model: ./fm/alpha
+                parameters: {weight: 0.6}
+              - model: ./fm/beta
+            parameters: {weight: 0.4, lambda: 0.5}
+    """)
+    assert truth.tasks == ("alpha", "beta") and truth.weights == pytest.approx((0.3, 0.2))
+    message = refusal(tmp_path, """
+        merge_method: linear
+        modules:
+          text_decoder:
+            slices:
+              - sources:
+                  - {model: ./fm/alpha, layer_range: [0, 4], parameters: {weight: 1.0}}
+          vision_tower:
+            models:
+              - {model: ./fm/beta, parameters: {weight: 1.0}}
+    """)
+    assert "modules.vision_tower.models" in message and "modules.text_decoder.slices[0] (layers 0-4)" in message
+
+
+def test_a_recipe_with_two_forms_or_none_is_refused(tmp_path: Path) -> None:
+    assert "exactly one of models:, slices: or modules:" in refusal(tmp_path, """
+        merge_method: linear
+        models: [{model: ./fm/alpha}]
+        slices: [{sources: [{model: ./fm/alpha, layer_range: [0, 2]}]}]
+    """)
+    assert "exactly one of models:, slices: or modules:" in refusal(tmp_path, "merge_method: linear\n")
+
+
+def test_the_truth_suggestion_only_for_recipes_truth_can_read(tmp_path: Path) -> None:
+    """`unmerge attribute` suggests --truth for a folder's mergekit_config.yml: only when following it works."""
+    from unmerge_core.pipeline.attribute import recipe_has_truth
+
+    assert recipe_has_truth(recipe(tmp_path, SLICES))
+    assert not recipe_has_truth(recipe(tmp_path, SLICES.replace("parameters: {weight: 0.2}\n    parameters",
+                                                                "parameters: {weight: 0.3}\n    parameters")))

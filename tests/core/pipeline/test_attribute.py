@@ -478,7 +478,100 @@ def test_the_recipe_note_only_for_methods_with_stated_coefficients(world, tmp_pa
     recipe = tmp_path / "mergekit_config.yml"
     for method, expected in (("linear", True), ("ties", True), ("task_arithmetic", True), ("slerp", False),
                              ("model_stock", False)):
-        recipe.write_text(yaml.safe_dump({"merge_method": method, "models": []}))
+        recipe.write_text(yaml.safe_dump({"merge_method": method, "models": [{"model": "./fm/alpha"}]}))
         assert recipe_has_truth(recipe) is expected, method
     recipe.write_text("{not yaml: [")
     assert recipe_has_truth(recipe) is False
+
+
+def test_attribute_refuses_a_maskers_wrong_mask_naming_plugin_and_module(tmp_path) -> None:
+    """The same check of a masker's mask as ``unmerge run`` (found by a hostile audit: never checked)."""
+    from helpers import write_lora
+
+    from unmerge_core.errors import PluginError
+    from unmerge_core.pipeline.attribute import build_mask
+
+    adapters = [LoraAdapter(write_lora(tmp_path / n, {"q": (6, 8)}, seed=i), n) for i, n in enumerate("ab")]
+
+    class Unsorted:
+        def build_mask(self, adapters):
+            return Mask({"q": np.array([5, 2, 9])}, {"q": (6, 8)})
+
+    with pytest.raises(PluginError, match=r"^masker plugin 'unsorted': mask module 'q': indices are not in ascending"):
+        build_mask(adapters, Unsorted(), "unsorted")
+
+
+def _sum_of_adapters(first: Path, second: Path, directory: Path, weights=(0.5, 0.5)) -> Path:
+    """An adapter whose ΔW is ``weights[0]`` first + ``weights[1]`` second (ranks stacked; both written
+    by ``write_lora``, whose α/r is 2 at every rank)."""
+    a, b = load_file(str(first / "adapter_model.safetensors")), load_file(str(second / "adapter_model.safetensors"))
+    tensors = {k: torch.cat([a[k], b[k]], 0) if "lora_A" in k else torch.cat([weights[0] * a[k], weights[1] * b[k]], 1)
+               for k in a}
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    config = json.loads((first / "adapter_config.json").read_text())
+    rank = config["r"] * 2
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "r": rank, "lora_alpha": 2 * rank}))
+    return directory
+
+
+_DUP_MODULES = {f"model.layers.{i}.{m}": (16, 24) for i in range(2) for m in "qkvo"}
+
+
+def _add_json_dictionary(tmp_path: Path) -> tuple[Path, Path]:
+    from helpers import write_lora
+
+    root = tmp_path / "dict"
+    add = write_lora(root / "add", _DUP_MODULES, seed=0)
+    write_lora(root / "json", _DUP_MODULES, seed=1)
+    write_lora(root / "other", _DUP_MODULES, seed=2)
+    return root, _sum_of_adapters(add, root / "json", tmp_path / "target")
+
+
+def test_an_identical_copy_of_an_atom_in_the_dictionary_is_refused_naming_both(tmp_path, capsys) -> None:
+    """Hostile audit 20.7: with `add` and a copy of it in the dictionary, skill-fdr called 0.5 add + 0.5 json
+    'not-explained' (the test cannot tell add from its copy). Which of two skills an identical ΔW is cannot
+    be decided, so the run stops in one line naming both adapters."""
+    root, target = _add_json_dictionary(tmp_path)
+    shutil.copytree(root / "add", root / "add_copy")
+    rc, _, err = run_cli(capsys, "--dictionary", str(root), "--output-dir", str(tmp_path / "out"), str(target))
+    line = one_line_error(rc, err)
+    assert "'add'" in line and "'add_copy'" in line and str(root / "add_copy") in line and "identical" in line
+    assert not (tmp_path / "out").exists()
+    # --adapter NAME=PATH naming a dictionary adapter under another skill: the same refusal
+    shutil.rmtree(root / "add_copy")
+    rc, _, err = run_cli(capsys, "--dictionary", str(tmp_path / "dict"), "--adapter", f"again={root / 'json'}",
+                         "--output-dir", str(tmp_path / "out"), str(target))
+    assert "'json'" in one_line_error(rc, err) and "'again'" in err
+    # two identical trainings of one skill are harmless (the skill is still one column group): warned only
+    (root / "add_runs").mkdir()
+    shutil.move(root / "add", root / "add_runs" / "r1")
+    shutil.copytree(root / "add_runs" / "r1", root / "add_runs" / "r2")
+    rc, _, err = run_cli(capsys, "--dictionary", str(root), "--output-dir", str(tmp_path / "out"), str(target))
+    assert rc == 0, err
+    assert "'add_runs/r1' and 'add_runs/r2' are identical on the mask" in err
+    result = result_of(tmp_path / "out", "target")
+    assert result["verdict"] == "explained" and {s["skill"] for s in result["skills"]} == {"add_runs", "json"}
+
+
+@pytest.mark.parametrize("link", ["self", "parent", "inner"])
+def test_a_symlink_back_into_the_dictionary_is_not_followed(tmp_path, capsys, link: str) -> None:
+    """Hostile audit 20.7: `DIR/self -> DIR` made a phantom skill `self/*` (every atom twice), and skill-fdr
+    then explained nothing. A link to the dictionary, into it or to a folder holding it is skipped with a
+    warning; a link to an adapter elsewhere is an ordinary atom."""
+    from helpers import write_lora
+
+    root, target = _add_json_dictionary(tmp_path)
+    made = {"self": (root / "self", root), "parent": (root / "up", tmp_path),
+            "inner": (root / "skill" / "run", root / "add")}[link]
+    made[0].parent.mkdir(exist_ok=True)
+    made[0].symlink_to(made[1], target_is_directory=True)
+    elsewhere = write_lora(tmp_path / "store" / "zeta", _DUP_MODULES, seed=5)
+    (root / "zeta").symlink_to(elsewhere, target_is_directory=True)
+    rc, _, err = run_cli(capsys, "--dictionary", str(root), "--output-dir", str(tmp_path / "out"), str(target))
+    assert rc == 0, err
+    assert f"warning: --dictionary: skipping {made[0]} (a symbolic link back into the dictionary" in err
+    report = json.loads((tmp_path / "out" / "attribution.json").read_text())
+    assert sorted(report["skills"]) == ["add", "json", "other", "zeta"]
+    result = result_of(tmp_path / "out", "target")
+    assert result["verdict"] == "explained" and {s["skill"] for s in result["skills"]} == {"add", "json"}

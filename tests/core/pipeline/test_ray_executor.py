@@ -116,6 +116,26 @@ def test_an_unreachable_ray_address_is_one_line_within_seconds(write_manifest) -
     assert seconds < 45, seconds
 
 
+def exit_in_plugin(marker: Path) -> str:
+    """A plugin that ends its process with os._exit(0); counts its attempts."""
+    from unmerge_core.errors import plugin_errors
+
+    with marker.open("a") as f:
+        f.write("x")
+    with plugin_errors("trainer", "quitter"):
+        os._exit(0)
+    return "unreachable"
+
+
+def test_a_plugin_calling_os_exit_in_a_ray_unit_is_its_error_and_not_retried(tmp_path) -> None:
+    """Hostile audit 20.16: os._exit in a plugin killed the worker and Ray reran the unit 4 times (a worker
+    death looks like a machine failure); it is the plugin's deterministic error: raised once, as locally."""
+    marker = tmp_path / "attempts"
+    with pytest.raises(PluginError, match=r"trainer plugin 'quitter': called os._exit\(0\); a plugin must return"):
+        RayExecutor(tmp_path, max_retries=3, progress=False).map(exit_in_plugin, [marker], desc="train")
+    assert marker.read_text() == "x"
+
+
 def train_peft_adapter(paths: tuple[Path, Path]) -> bytes:
     """One peft-lora training on the tiny model (a few seconds); the adapter's bytes."""
     from unmerge_core.types import TaskInfo, TrainJob

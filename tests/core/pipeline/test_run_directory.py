@@ -151,3 +151,182 @@ def test_lambda_scales_the_ground_truth_of_generated_targets(write_manifest, sca
     targets = json.loads((result.run_dir / "targets.json").read_text())
     assert all(t["coefficients"] == pytest.approx([scale * w for w in t["weights"]])
                for t in targets if t["method"] == "task_arithmetic")
+
+
+# --------------------------------------------------------------------------------------------------
+# Item 1: --redo STAGE recomputes that stage and every later one
+# --------------------------------------------------------------------------------------------------
+
+
+def cache_stamps(run_dir: Path, kind: str) -> dict[str, int]:
+    folder = run_dir / "cache" / kind
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if not p.name.startswith(".")} \
+        if folder.is_dir() else {}
+
+
+@pytest.mark.parametrize("redo", ["decomposer", "merger", "all"])
+def test_redo_recomputes_that_stage_and_the_later_ones_and_reuses_the_earlier(write_manifest, redo) -> None:
+    path = write_manifest()
+    first = run(path)
+    kinds = {"trainer": "adapters", "masker": "masks", "merger": "targets", "decomposer": "decompositions",
+             "metric": "metric-values"}
+    before = {stage: cache_stamps(first.run_dir, kind) for stage, kind in kinds.items()}
+    again = run(path, redo=redo)
+    after = {stage: cache_stamps(first.run_dir, kind) for stage, kind in kinds.items()}
+    redone = {"decomposer": {"decomposer", "metric"}, "merger": {"merger", "decomposer", "metric"},
+              "all": set(kinds)}[redo]
+    for stage in kinds:
+        assert after[stage].keys() == before[stage].keys(), stage
+        changed = {name for name in before[stage] if after[stage][name] != before[stage][name]}
+        assert changed == (set(before[stage]) if stage in redone else set()), stage
+    reused = {t.stage: t.reused for t in again.timings}
+    assert reused["decomposer"] == 0 and reused["metric"] == 0
+    assert reused["trainer"] == (0 if redo == "all" else len(before["trainer"]))
+    assert (first.run_dir / "summary.csv").read_bytes() == (again.run_dir / "summary.csv").read_bytes()
+
+
+def test_redo_names_the_stages_it_knows(write_manifest) -> None:
+    with pytest.raises(UnmergeError, match=r"--redo report: unknown stage; choose one of: all, trainer, masker"):
+        run(write_manifest(), redo="report")
+
+
+# --------------------------------------------------------------------------------------------------
+# Item 3: a rerun leaves no file of the previous run's results
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_rerun_removes_the_results_the_manifest_no_longer_makes(write_manifest, workdir) -> None:
+    from helpers import write_lora
+
+    adapter = write_lora(workdir / "found", {"layers.0.q": (24, 32), "layers.0.k": (8, 32), "layers.1.q": (24, 32)})
+    path = write_manifest()
+    path.write_text(path.read_text() + f'\n[[targets]]\npath = "{adapter}"\nname = "found"\n')
+    first = Runner(load_manifest(path), progress=False, echo=lambda s: None).run()
+    (first.run_dir / "notes-of-an-old-version.txt").write_text("left by a previous run")
+    assert {"coefficients_lasso.png", "attribution.json", "attribution.md", "attribution.csv"} <= \
+        {p.name for p in first.run_dir.iterdir()}
+    second = run(with_decomposer(write_manifest, "nnls"))  # lasso and the [[targets]] entry removed
+    names = {p.name for p in second.run_dir.iterdir()}
+    assert not names & {"coefficients_lasso.png", "attribution.json", "attribution.md", "attribution.csv",
+                        "notes-of-an-old-version.txt"}
+    assert {"run.json", "manifest.toml", "summary.csv", "cache"} <= names
+    assert {r.decomposer for r in second.table.rows} == {"nnls"}
+    assert cache_stamps(second.run_dir, "adapters")  # the store inside the run directory is kept
+
+
+def test_a_folder_unmerge_did_not_make_is_never_cleared(write_manifest, workdir) -> None:
+    path = write_manifest()
+    run_dir = workdir / "runs" / "synthetic-test"
+    run_dir.mkdir(parents=True)
+    (run_dir / "my-thesis.tex").write_text("precious")
+    run(path)
+    assert (run_dir / "my-thesis.tex").read_text() == "precious"
+
+
+# --------------------------------------------------------------------------------------------------
+# Item 4: one run directory, one manifest at a time
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_different_manifest_with_the_same_name_is_refused_while_the_directory_is_held(write_manifest) -> None:
+    from unmerge_core.pipeline.run_directory import RunDirectory, manifest_identity
+
+    first = write_manifest()
+    other = write_manifest(name="other.toml", **{"seed = 7": "seed = 8"})
+    run_dir = first.parent / "runs" / "synthetic-test"
+    run_dir.mkdir(parents=True)
+    holder = RunDirectory(run_dir, manifest_identity(first, first.read_text()), first)
+    holder.claim()  # a run of the first manifest is under way
+    try:
+        with pytest.raises(UnmergeError, match=r"is in use by a run of another manifest with the same name \(.*"
+                                               r"manifest.toml, process \d+\)"):
+            run(other)
+        assert not (run_dir / "run.json").exists()  # the refused run wrote nothing there
+        joined = run(first)  # the same manifest may join
+        assert joined.table.rows
+    finally:
+        holder.release()
+    assert run(other).table.rows  # free again
+
+
+def test_two_different_manifests_with_one_name_run_at_once_never_mix(write_manifest) -> None:
+    import subprocess
+
+    paths = [write_manifest(), write_manifest(name="other.toml", **{"seed = 7": "seed = 8"})]
+    procs = [subprocess.Popen([sys.executable, "-m", "unmerge_core", "run", str(p), "--no-progress", "--no-plots"],
+                              cwd=p.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in paths]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    codes = [p.returncode for p in procs]
+    run_dir = paths[0].parent / "runs" / "synthetic-test"
+    if codes == [0, 0]:  # one finished before the other started: the later one's files are all there
+        pass
+    else:
+        assert sorted(codes) == [0, 2], outputs
+        refused = outputs[codes.index(2)][1]
+        assert "in use by a run of another manifest with the same name" in refused
+    status = read_status(run_dir)
+    assert status["status"] == "complete"
+    manifest = (run_dir / "manifest.toml").read_text()
+    assert status["manifest"] in {str(p) for p in paths}
+    assert manifest == Path(status["manifest"]).read_text()  # the summary belongs to that manifest
+    from unmerge_core.pipeline.protocol import generate_targets
+
+    winner = {(s.target_id, tuple(s.tasks), tuple(s.true_weights))
+              for s in generate_targets(load_manifest(Path(status["manifest"])))}
+    rows = json.loads((run_dir / "per_target.json").read_text())["rows"]
+    assert {(r["target_id"], tuple(r["true_tasks"]), tuple(r["true_weights"])) for r in rows} == winner
+
+
+# --------------------------------------------------------------------------------------------------
+# Item 17: a run that ends in an error says so in run.json
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_failed_run_records_failed_with_its_error_and_the_next_run_says_so(write_manifest, tmp_path,
+                                                                             plugin_path) -> None:
+    import types
+
+    from unmerge_core import Decomposition, NoParams, PluginSpec, Stage, hookimpl
+
+    class Failing:
+        def __init__(self, params) -> None:
+            pass
+
+        def decompose(self, problem) -> Decomposition:
+            raise ValueError("the solver diverged")
+
+    @hookimpl
+    def unmerge_decomposers():
+        return [PluginSpec("failing", Stage.DECOMPOSER, "test", "https://example.org", NoParams, Failing)]
+
+    manager = PluginManager()
+    manager.register(types.SimpleNamespace(unmerge_decomposers=unmerge_decomposers), name="failing")
+    path = with_decomposer(write_manifest, "failing")
+    with pytest.raises(UnmergeError, match="the solver diverged"):
+        run(path, manager)
+    run_dir = path.parent / "runs" / "synthetic-test"
+    status = read_status(run_dir)
+    assert status["status"] == "failed" and status["stage"] == "decomposer"
+    assert status["error"] == "decomposer plugin 'failing': raised ValueError: the solver diverged"
+    notes: list[str] = []
+    Runner(load_manifest(with_decomposer(write_manifest, "nnls")), progress=False, echo=notes.append,
+           plots=False).run()
+    assert notes[0] == (f"note: the previous run in {run_dir} failed during 'decomposer': decomposer plugin "
+                        "'failing': raised ValueError: the solver diverged; finished work is reused")
+    assert read_status(run_dir)["status"] == "complete"
+
+
+# --------------------------------------------------------------------------------------------------
+# Item 21: artifacts respect the umask (a store shared by a team)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_artifacts_and_their_folders_follow_the_umask(write_manifest) -> None:
+    from unmerge_core.io.store import UMASK
+
+    result = run(write_manifest())
+    files = [result.run_dir / "summary.csv", *(result.run_dir / "cache" / "adapters").rglob("*.safetensors")]
+    folders = [p for p in (result.run_dir / "cache" / "adapters").iterdir() if p.is_dir()]
+    assert files and folders
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~UMASK}
+    assert {p.stat().st_mode & 0o777 for p in folders} == {0o777 & ~UMASK}

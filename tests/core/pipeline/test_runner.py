@@ -206,3 +206,96 @@ def test_no_plots_writes_no_png_and_removes_stale_ones(write_manifest) -> None:
     again = Runner(load_manifest(path), progress=False, echo=lambda s: None, plots=False).run()
     assert not list(again.run_dir.glob("*.png"))  # a plot of an earlier run would describe other results
     assert (again.run_dir / "summary.md").is_file()
+
+
+class _BadMasker:
+    """Returns a mask on the synthetic manifest's modules with one defect (``mode``)."""
+
+    mode = "unsorted"
+
+    def __init__(self, params) -> None: ...
+
+    def build_mask(self, adapters):
+        from unmerge_core import Mask
+
+        shapes = {"layers.0.q": (24, 32), "layers.0.k": (8, 32)}
+        indices = {"layers.0.q": np.arange(0, 200, 2), "layers.0.k": np.arange(50)}
+        if self.mode == "unsorted":
+            indices["layers.0.k"] = indices["layers.0.k"][::-1]
+        elif self.mode == "out-of-range":
+            indices["layers.0.k"] = np.array([1, 8 * 32])
+        elif self.mode == "shape":
+            shapes["layers.0.k"] = (32, 8)
+        elif self.mode == "module":
+            indices["layers.7.v"], shapes["layers.7.v"] = np.arange(3), (4, 4)
+        return Mask(indices, shapes)
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("unsorted", "mask module 'layers.0.k': indices are not in ascending order"),
+    ("out-of-range", "mask module 'layers.0.k': index 256 is out of range for its shape (8, 32)"),
+    ("shape", "mask module 'layers.0.k': shape (32, 8) contradicts the adapters' (8, 32)"),
+    ("module", "mask module 'layers.7.v': no dictionary adapter adapts it"),
+])
+def test_a_maskers_wrong_mask_stops_the_run_naming_plugin_and_module(write_manifest, monkeypatch, mode,
+                                                                      message) -> None:
+    """Found by a hostile audit: unsorted indices or a foreign module ran to exit 0, an index out of
+    range ended in an internal error."""
+    monkeypatch.setattr(_BadMasker, "mode", mode)
+
+    @hookimpl
+    def unmerge_maskers():
+        return [PluginSpec("bad-mask", Stage.MASKER, "misbehaves", "https://example.org", NoParams, _BadMasker)]
+
+    pm = PluginManager()
+    pm.register(types.SimpleNamespace(unmerge_maskers=unmerge_maskers), name="bad-mask-plugin")
+    path = write_manifest(**{'plugin = "topk"\nparams = { budget = 300 }': 'plugin = "bad-mask"'})
+    with pytest.raises(PluginError) as info:
+        run(path, pm)
+    assert str(info.value).startswith(f"masker plugin 'bad-mask': {message}"), str(info.value)
+    assert "\n" not in str(info.value) and info.value.stage == "masker"
+    assert not list((path.parent / "runs").glob("*/cache/masks/*/mask.json"))  # nothing of it was stored
+
+
+IDENTICAL_ADAPTERS_MANIFEST = """
+name = "twins"
+seed = 1
+[tasks]
+known = ["alpha", "beta", "gamma"]
+[protocol]
+groups = []
+[trainer]
+plugin = "adapters"
+params = {{ paths = {{ alpha = "dict/alpha", beta = "dict/{beta}", gamma = "dict/gamma" }} }}
+[merger]
+plugin = "mergekit"
+[masker]
+plugin = "topk"
+params = {{ budget = 64 }}
+[[decomposers]]
+plugin = "skill-fdr"
+[[targets]]
+path = "dict/gamma"
+kind = "adapter"
+[output]
+dir = "{{out}}"
+"""
+
+
+@pytest.mark.parametrize("beta", ["alpha", "copy-of-alpha"])
+def test_two_dictionary_tasks_with_identical_adapters_are_refused(write_manifest, workdir, beta) -> None:
+    """Hostile audit 20.7, on the manifest path: two tasks whose adapters are the same ΔW (one folder named
+    twice, or a copy) cannot be told apart by any decomposer; the run stops naming both tasks."""
+    import shutil
+
+    from helpers import write_lora
+    from unmerge_core.errors import UnmergeError
+
+    modules = {"model.layers.0.q": (8, 16), "model.layers.0.k": (4, 16)}
+    for task, seed in (("alpha", 0), ("gamma", 2)):
+        write_lora(workdir / "dict" / task, modules, seed=seed)
+    shutil.copytree(workdir / "dict" / "alpha", workdir / "dict" / "copy-of-alpha")
+    with pytest.raises(UnmergeError) as info:
+        run(write_manifest(IDENTICAL_ADAPTERS_MANIFEST.format(beta=beta)))
+    message = str(info.value)
+    assert "\n" not in message and "'alpha' and 'beta'" in message and "identical" in message, message
