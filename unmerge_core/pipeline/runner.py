@@ -15,6 +15,7 @@ the unit in progress. ``run.json`` says whether the run directory is complete: i
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -66,7 +67,7 @@ from unmerge_core.pipeline.merging import (
 )
 from unmerge_core.pipeline.parallel import blas_threads
 from unmerge_core.pipeline.protocol import generate_targets
-from unmerge_core.pipeline.run_directory import RunDirectory, manifest_identity, redo_stages
+from unmerge_core.pipeline.run_directory import RunDirectory, check_not_in_store, manifest_identity, redo_stages
 from unmerge_core.pipeline.scoring import (
     ScoreLoop,
     ScoreTarget,
@@ -383,15 +384,12 @@ class Runner:
                              RoutedDenseMerge({m: self.m.merger_for(m) for m in self.m.protocol.methods},
                                               adapter_dirs, base_model))
         metrics = [(r, r.build()) for r in self.m.metrics]
-        adapter_keys = {name: self.training_key(name) for name in adapter_dirs}
         categories = {name: self._task(name.partition("@")[0]).category for name in adapter_dirs}
         loop = ScoreLoop(
             atom_names, dictionary, mask.slices(), self.m.decomposers, metrics, skills=skills,
             task_vectors=vectors, categories=categories, context=context,
-            cache_dir=self.store.root / "cache", dictionary_key=content_key([adapter_keys[a] for a in atom_names],
-                                                                         mask_dir.name),
-            evaluation_key=content_key(adapter_keys, mask_dir.name, self.m.mergers_config(),
-                                       [s.target_id for s in specs]),
+            cache_dir=self.store.root / "cache", dictionary_key=self.dictionary_key(mask_dir.name),
+            evaluation_key=self.evaluation_key(mask_dir.name, specs),
             executor=self.executor, show_progress=self.progress,
             redo_decompositions="decomposer" in self.redo, redo_metrics="metric" in self.redo)
         table = ResultTable(atom_names=atom_names)
@@ -419,6 +417,7 @@ class Runner:
     def _claim_run_dir(self) -> None:
         """Create the run directory and hold it for this manifest (:mod:`.run_directory`); the first run
         to hold it clears the previous run's results, after noting how that run ended."""
+        check_not_in_store(self.run_dir, self.store.root / "cache")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -453,9 +452,14 @@ class Runner:
         self.echo(f"note: the previous run in {self.run_dir} {how}; finished work is reused")
 
     def _write_status(self, status: str, error: str | None = None) -> None:
+        """Write ``run.json`` (and remember the run's result files for the next run to clear). Of several
+        runs of one manifest at once, only the last to finish says ``complete``."""
+        if status == "complete" and not self._directory.is_last():
+            return
+        self._directory.record_outputs()
         atomic_write_json(self.run_dir / STATUS_FILE, {
             "status": status, "stage": self._stage_name if status != "complete" else None,
-            "manifest": str(self.m.path), "unmerge": __version__, "warnings": self.warnings,
+            "manifest": os.path.abspath(self.m.path), "unmerge": __version__, "warnings": self.warnings,
             **({"error": error} if error else {}),
         })
 
@@ -480,13 +484,18 @@ class Runner:
         # a variant is an independent training even with the trainer's parameters: its own seeds
         return derive_seed(self.m.seed, "train", task.name, *([variant] if variant else []))
 
+    def trainings(self) -> list[tuple[str, ResolvedPlugin, TaskInfo]]:
+        """Every training of the run, in the order they are trained: (variant name or ``""``, trainer, task)."""
+        plans = [("", self.m.trainer, task) for task in self.m.all_tasks]
+        for variant in self.m.variants:
+            plans += [(variant.name, variant.trainer, self._task(t)) for t in variant.tasks]
+        return plans
+
     def train(self) -> dict[str, Path]:
         """Every adapter of the run, by training name: ``task`` (the dictionary's trainer) and
         ``task@variant`` (each ``[[variants]]`` entry's trainer, for its tasks)."""
         workspace = self.store.root / "cache" / "workspace" / content_key(self.m.trainer.config())
-        plans = [("", self.m.trainer, task) for task in self.m.all_tasks]
-        for variant in self.m.variants:
-            plans += [(variant.name, variant.trainer, self._task(t)) for t in variant.tasks]
+        plans = self.trainings()
         units = [TrainUnit(trainer, task, self.adapter_key(task, variant), self._train_seed(task, variant),
                            self.store.root, workspace if not variant else
                            self.store.root / "cache" / "workspace" / content_key(trainer.config()), i)
@@ -508,7 +517,7 @@ class Runner:
         (:mod:`unmerge_core.pipeline.delta_pass`), the merge statistics of the dictionary adapters
         that ``specs`` need are made in the same pass and stored for the merge-statistics stage."""
         atoms = self.m.atoms
-        key = content_key("mask", self.m.masker.config(), [self.training_key(a.name) for a in atoms])
+        key = self.mask_key()
         self._forget("masker", "masks", key)
         reused = int(self.store.exists("masks", key))
         requests = [] if reused else self._shared_statistics(specs, key)
@@ -536,6 +545,10 @@ class Runner:
 
         with self.stage("masker", 1, reused):
             return self.store.produce("masks", key, build)
+
+    def mask_key(self) -> str:
+        """Cache key of the run's mask: the masker's configuration and the dictionary's trainings."""
+        return content_key("mask", self.m.masker.config(), [self.training_key(a.name) for a in self.m.atoms])
 
     def _shared_statistics(self, specs: Sequence[MergeJob], mask_key: str) -> list[tuple[ResolvedPlugin, str, str]]:
         """(merger plugin, dictionary training, statistics key) of the statistics the shared pass can
@@ -595,11 +608,7 @@ class Runner:
             names = constituent_trainings(spec)
             plugin = self.m.merger_for(spec.method)
             on_base = base_model is not None and needs_base_weights(plugin.instance(), spec.method)
-            key_parts: list[Any] = [plugin.config(), spec.as_dict(), [self.training_key(n) for n in names],
-                                    mask_dir.name]
-            if on_base:  # a full-weight target also depends on the base model's files
-                key_parts.append(base_fingerprint(base_model))  # type: ignore[arg-type]
-            key = content_key("target", *key_parts)
+            key = self.target_key(spec, mask_dir.name, base_model if on_base else None)
             self._forget("merger", "targets", key)
             units.append(MergeUnit(plugin, spec, key, tuple(adapter_dirs[n] for n in names),
                                    mask_dir, self.store.root, vectors_path if fast else None,
@@ -613,21 +622,21 @@ class Runner:
         return {u.spec.target_id: (load_tensors(p / "target.safetensors")["vector"].numpy(), u.key)
                 for u, p in zip(units, paths)}
 
+    def target_key(self, spec: MergeJob, mask_key: str, base_model: Path | None = None) -> str:
+        """Cache key of one target: its merger's configuration, its job, its constituents' trainings, the
+        mask, and for a full-weight target (``base_model`` given) the base model's files."""
+        key_parts: list[Any] = [self.m.merger_for(spec.method).config(), spec.as_dict(),
+                                [self.training_key(n) for n in constituent_trainings(spec)], mask_key]
+        if base_model is not None:  # a full-weight target also depends on the base model's files
+            key_parts.append(base_fingerprint(base_model))
+        return content_key("target", *key_parts)
+
     def merge_statistics(self, specs: Sequence[MergeJob], adapter_dirs: dict[str, Path],
                          mask_dir: Path) -> dict[tuple[str, str], Path]:
         """Fast path, step 1: per-(task, module) statistics of the tasks whose targets need them,
         by (merger label, training name)."""
-        wanted: dict[tuple[str, str], StatisticsUnit] = {}
-        for spec in specs:
-            plugin = self.m.merger_for(spec.method)
-            merger = plugin.instance()
-            if not needs_statistics(merger, spec.method):
-                continue
-            for t in constituent_trainings(spec):
-                if (plugin.label, t) not in wanted:
-                    wanted[(plugin.label, t)] = StatisticsUnit(
-                        plugin, t, adapter_dirs[t], statistics_key(self.training_key(t), merger, mask_dir.name),
-                        mask_dir, self.store.root)
+        wanted = {(label, t): StatisticsUnit(plugin, t, adapter_dirs[t], key, mask_dir, self.store.root)
+                  for (label, t), (plugin, key) in self.statistics_keys(specs, mask_dir.name).items()}
         if not wanted:
             return {}
         keys = sorted(wanted)
@@ -638,6 +647,30 @@ class Runner:
         with self.stage("merge-statistics", len(units), reused):
             paths = self.executor.map(statistics_unit, units, desc="merge statistics")
         return dict(zip(keys, paths))
+
+    def dictionary_key(self, mask_key: str) -> str:
+        """Identity of the dictionary on the mask (part of every decomposition's cache key)."""
+        return content_key([self.training_key(a.name) for a in self.m.atoms], mask_key)
+
+    def evaluation_key(self, mask_key: str, specs: Sequence[MergeJob]) -> str:
+        """Identity of what metrics may look at besides a decomposition (part of their cache keys)."""
+        adapter_keys = {training_name(task.name, variant): self.training_key(training_name(task.name, variant))
+                        for variant, _, task in self.trainings()}
+        return content_key(adapter_keys, mask_key, self.m.mergers_config(), [s.target_id for s in specs])
+
+    def statistics_keys(self, specs: Sequence[MergeJob], mask_key: str) -> dict[tuple[str, str], tuple[ResolvedPlugin, str]]:
+        """(merger plugin, statistics key) of every training whose targets' merge needs its statistics,
+        by (merger label, training name)."""
+        wanted: dict[tuple[str, str], tuple[ResolvedPlugin, str]] = {}
+        for spec in specs:
+            plugin = self.m.merger_for(spec.method)
+            merger = plugin.instance()
+            if not needs_statistics(merger, spec.method):
+                continue
+            for t in constituent_trainings(spec):
+                if (plugin.label, t) not in wanted:
+                    wanted[(plugin.label, t)] = (plugin, statistics_key(self.training_key(t), merger, mask_key))
+        return wanted
 
     def _task(self, name: str) -> TaskInfo:
         for t in self.m.all_tasks:

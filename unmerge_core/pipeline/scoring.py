@@ -316,6 +316,21 @@ def identical_atoms(dictionary: np.ndarray, atom_names: Sequence[str],
 # --------------------------------------------------------------------------------------------------
 
 
+def decomposition_seed(spec: MergeJob, label: str) -> int:
+    """The seed a decomposer is given for one target."""
+    return derive_seed(spec.seed, "decompose", label)
+
+
+def decomposition_key(plugin: Any, dictionary_key: str, target_key: str, seed: int) -> str:
+    """Cache key of one decomposition (``decompositions/<key>.json``)."""
+    return content_key("decomposition", plugin.config(), dictionary_key, target_key, seed)
+
+
+def metric_key(ref: Any, decomposition_key: str, evaluation_key: str) -> str:
+    """Cache key of one metric's values on one decomposition (``metric-values/<key>.json``)."""
+    return content_key("metric", ref.config(), decomposition_key, evaluation_key)
+
+
 class ScoreLoop:
     """Decompose targets with every decomposer and score each result with every metric.
 
@@ -383,14 +398,14 @@ class ScoreLoop:
     def _decomposition_key(self, target: ScoreTarget, plugin: Any, seed: int) -> str | None:
         if self.cache_dir is None or target.key is None:
             return None
-        return content_key("decomposition", plugin.config(), self.dictionary_key, target.key, seed)
+        return decomposition_key(plugin, self.dictionary_key, target.key, seed)
 
     def decompose(self, targets: Sequence[ScoreTarget], desc: str = "decompose") -> list[tuple[ScoreTarget, Any, DecompositionProblem, Decomposition, str | None]]:
         """Every decomposer on every target (decomposer-major order, as the tables list them)."""
         units, meta = [], []
         for plugin in self.decomposers:
             for target in targets:
-                seed = derive_seed(target.spec.seed, "decompose", plugin.label)
+                seed = decomposition_seed(target.spec, plugin.label)
                 problem = DecompositionProblem(self.dictionary, read_only(target.vector), self.atom_names,
                                                self.groups, seed, self.skills, self.gram)
                 key = self._decomposition_key(target, plugin, seed)
@@ -441,8 +456,7 @@ class ScoreLoop:
         """One metric's values on one decomposition, and whether they came from the cache."""
         if decomposition_key is None or self.cache_dir is None:
             return metric_values(metric, ref.label, evaluation), False
-        path = self.cache_dir / "metric-values" / (content_key("metric", ref.config(), decomposition_key,
-                                                               self.evaluation_key) + ".json")
+        path = self.cache_dir / "metric-values" / (metric_key(ref, decomposition_key, self.evaluation_key) + ".json")
         if self.redo_metrics and path not in self._redone:
             self._redone.add(path)
             path.unlink(missing_ok=True)
