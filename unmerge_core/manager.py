@@ -317,7 +317,8 @@ class ResolvedPlugin:
         name, and its code beside the wrapped one's
         (``{"plugin": "nnls", "params": {...}, "code": {"nnls": ..., "per-layer": ...}, "per_layer": {...}}``).
         """
-        code = {self.spec.name: code_identity(self.spec.factory, self.distribution, self.version)}
+        code = {self.spec.name: code_identity(self.spec.factory, self.distribution, self.version,
+                                              with_core=self.spec.stage is not Stage.TRAINER)}
         if self.inner is not None:
             out = self.inner.config()
             out[self.spec.name.replace("-", "_")] = self.params.model_dump(mode="json")

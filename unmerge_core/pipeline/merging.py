@@ -35,7 +35,7 @@ import torch
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
 from unmerge_core.io.adapters import LoraAdapter
 from unmerge_core.io.checkpoints import Checkpoint
-from unmerge_core.io.code import package_source_digest, top_level_package
+from unmerge_core.io.code import package_source_digest, source_identity
 from unmerge_core.io.hub import resolve_model_ref
 from unmerge_core.io.lowrank import BLOCK_ROWS, LowRankDelta
 from unmerge_core.io.masks import load_mask
@@ -117,7 +117,7 @@ def statistics_key(adapter_key: str, merger: Any, mask_key: str) -> str:
     """Cache key of one adapter's statistics: adapter, what the statistics depend on, the mask, and
     the code that computes them (the merger's package and the core, :mod:`unmerge_core.io.code`)."""
     config = merger.statistics_config() if isinstance(merger, MaskedMerger) else None
-    code = [package_source_digest(top_level_package(merger)), package_source_digest("unmerge_core")]
+    code = [source_identity(merger), package_source_digest("unmerge_core")]
     return content_key("merge-stats", adapter_key, type(merger).__qualname__, config, mask_key, code)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from unmerge_core.config.manifest import load_manifest
 from unmerge_core.errors import UnmergeError
-from unmerge_core.io.code import package_source_digest
+from unmerge_core.io.code import module_closure_digest, package_source_digest
 from unmerge_core.manager import PluginManager
 from unmerge_core.pipeline.runner import Runner, read_status
 
@@ -66,6 +66,7 @@ def load_plugin(tmp_path: Path, scale: float, version: str = "0.1.0") -> PluginM
         sys.path.insert(0, str(package.parent))
     sys.modules.pop("scaled_plugin", None)
     package_source_digest.cache_clear()  # a new process would hash the new source
+    module_closure_digest.cache_clear()
     module = importlib.import_module("scaled_plugin")
     manager = PluginManager()
     manager.register(module, name="scaled", distribution="scaled-plugin", version=version)
@@ -78,6 +79,7 @@ def plugin_path():
     sys.modules.pop("scaled_plugin", None)
     sys.path[:] = [p for p in sys.path if not p.endswith("plugin_src")]
     package_source_digest.cache_clear()
+    module_closure_digest.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,7 +105,7 @@ def test_a_new_version_of_the_same_code_is_another_cache_identity(tmp_path, plug
         return manager.resolve("decomposer", "scaled-nnls").config()
 
     old, new = config("0.1.0"), config("0.1.1")
-    assert old["code"]["scaled-nnls"]["version"] == "0.1.0" and old["code"]["scaled-nnls"]["package"] == "scaled_plugin"
+    assert old["code"]["scaled-nnls"]["version"] == "0.1.0" and old["code"]["scaled-nnls"]["module"] == "scaled_plugin"
     assert old != new and old["code"]["scaled-nnls"]["source"] == new["code"]["scaled-nnls"]["source"]
 
 
@@ -124,7 +126,102 @@ def test_the_source_digest_follows_every_python_file_of_the_package(tmp_path) ->
     finally:
         sys.path.remove(str(tmp_path))
         package_source_digest.cache_clear()
-    assert package_source_digest("no_such_package_anywhere") == "no-source"
+    assert package_source_digest("no_such_package_anywhere").startswith("no-source-")
+
+
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+@pytest.fixture
+def source_tree(tmp_path):
+    """A folder on sys.path for packages a test writes; caches and imports of them forgotten after."""
+    sys.path.insert(0, str(tmp_path))
+    before = set(sys.modules)
+    yield tmp_path
+    sys.path.remove(str(tmp_path))
+    for name in set(sys.modules) - before:
+        sys.modules.pop(name, None)
+    package_source_digest.cache_clear()
+    module_closure_digest.cache_clear()
+
+
+def fresh(function, *args):
+    package_source_digest.cache_clear()
+    module_closure_digest.cache_clear()
+    importlib.invalidate_caches()
+    return function(*args)
+
+
+def test_a_plugins_source_identity_follows_the_helpers_it_imports_and_not_the_others(source_tree) -> None:
+    """Hostile review: hashing the whole package retrained every adapter when any decomposer changed."""
+    write_tree(source_tree, {"cpkg/__init__.py": "", "cpkg/lib/__init__.py": "", "cpkg/lib/helper.py": "X = 1\n",
+                             "cpkg/lib/other.py": "Y = 1\n", "cpkg/plugin.py": "from .lib import helper\n",
+                             "cpkg/unrelated.py": "Z = 1\n"})
+    before = fresh(module_closure_digest, "cpkg.plugin")
+    (source_tree / "cpkg/unrelated.py").write_text("Z = 2\n")
+    (source_tree / "cpkg/lib/other.py").write_text("Y = 2\n")
+    assert fresh(module_closure_digest, "cpkg.plugin") == before
+    (source_tree / "cpkg/lib/helper.py").write_text("X = 2\n")
+    after_helper = fresh(module_closure_digest, "cpkg.plugin")
+    assert after_helper != before
+    (source_tree / "cpkg/lib/__init__.py").write_text("# a package's __init__ runs on import\n")
+    assert fresh(module_closure_digest, "cpkg.plugin") != after_helper
+
+
+def test_namespace_portions_and_linked_folders_are_all_hashed(source_tree, tmp_path_factory) -> None:
+    """Hostile review: only a namespace package's first portion was hashed; a linked sub-folder not at all."""
+    second = tmp_path_factory.mktemp("portion")
+    write_tree(source_tree, {"nsp/a.py": "A = 1\n"})
+    write_tree(second, {"nsp/b.py": "B = 1\n"})
+    sys.path.insert(1, str(second))
+    try:
+        before = fresh(package_source_digest, "nsp")
+        (second / "nsp/b.py").write_text("B = 2\n")
+        assert fresh(package_source_digest, "nsp") != before
+    finally:
+        sys.path.remove(str(second))
+    real = tmp_path_factory.mktemp("real")
+    write_tree(real, {"w.py": "W = 1\n"})
+    write_tree(source_tree, {"lpkg/__init__.py": ""})
+    (source_tree / "lpkg" / "sub").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(real, target_is_directory=True)  # a link loop is visited once
+    before = fresh(package_source_digest, "lpkg")
+    (real / "w.py").write_text("W = 2\n")
+    assert fresh(package_source_digest, "lpkg") != before
+
+
+def test_factories_behind_partial_or_without_source_are_never_reused_wrongly(source_tree) -> None:
+    import functools
+
+    from unmerge_core.io.code import PROCESS_NONCE, source_identity
+
+    write_tree(source_tree, {"ppkg/__init__.py": "def make(params, scale=1):\n    return scale\n"})
+    module = importlib.import_module("ppkg")
+    assert source_identity(functools.partial(module.make, scale=2)) == fresh(module_closure_digest, "ppkg")
+
+    def factory(params):
+        return params
+
+    factory.__module__ = "__main__"  # as in `python -c` or a notebook: no file to hash
+    main = sys.modules["__main__"]
+    saved = getattr(main, "__file__", None)
+    try:
+        if saved is not None:
+            del main.__file__
+        assert source_identity(factory) == f"no-source-{PROCESS_NONCE}"  # unique to this process
+    finally:
+        if saved is not None:
+            main.__file__ = saved
+
+
+def test_a_trainers_identity_leaves_out_the_core_and_other_stages_keep_it(write_manifest) -> None:
+    manifest = load_manifest(write_manifest())
+    assert "core" not in manifest.trainer.config()["code"]["synthetic"]
+    assert "core" in manifest.decomposers[0].config()["code"]["nnls"]
+    assert manifest.trainer.config()["code"]["synthetic"]["module"] == "unmerge_plugins.trainers.synthetic"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,25 +299,73 @@ def test_a_rerun_removes_the_results_the_manifest_no_longer_makes(write_manifest
     path = write_manifest()
     path.write_text(path.read_text() + f'\n[[targets]]\npath = "{adapter}"\nname = "found"\n')
     first = Runner(load_manifest(path), progress=False, echo=lambda s: None).run()
-    (first.run_dir / "notes-of-an-old-version.txt").write_text("left by a previous run")
+    (first.run_dir / "my-notes.txt").write_text("a person's notes beside the results")
     assert {"coefficients_lasso.png", "attribution.json", "attribution.md", "attribution.csv"} <= \
         {p.name for p in first.run_dir.iterdir()}
     second = run(with_decomposer(write_manifest, "nnls"))  # lasso and the [[targets]] entry removed
     names = {p.name for p in second.run_dir.iterdir()}
-    assert not names & {"coefficients_lasso.png", "attribution.json", "attribution.md", "attribution.csv",
-                        "notes-of-an-old-version.txt"}
-    assert {"run.json", "manifest.toml", "summary.csv", "cache"} <= names
+    assert not names & {"coefficients_lasso.png", "attribution.json", "attribution.md", "attribution.csv"}
+    assert {"run.json", "manifest.toml", "summary.csv", "cache", "my-notes.txt"} <= names  # no run wrote the notes
     assert {r.decomposer for r in second.table.rows} == {"nnls"}
     assert cache_stamps(second.run_dir, "adapters")  # the store inside the run directory is kept
 
 
-def test_a_folder_unmerge_did_not_make_is_never_cleared(write_manifest, workdir) -> None:
+def test_what_a_folder_held_before_unmerge_used_it_is_never_removed(write_manifest, workdir) -> None:
+    """Hostile review: the second run into an existing folder removed the user's files in it."""
     path = write_manifest()
     run_dir = workdir / "runs" / "synthetic-test"
-    run_dir.mkdir(parents=True)
+    (run_dir / "src").mkdir(parents=True)
+    (run_dir / "src" / "code.py").write_text("keep")
     (run_dir / "my-thesis.tex").write_text("precious")
     run(path)
-    assert (run_dir / "my-thesis.tex").read_text() == "precious"
+    run(with_decomposer(write_manifest, "nnls"))
+    run(path)
+    assert (run_dir / "my-thesis.tex").read_text() == "precious" and (run_dir / "src" / "code.py").is_file()
+
+
+def test_a_folder_with_a_run_json_unmerge_did_not_write_is_refused_untouched(write_manifest, workdir) -> None:
+    """Hostile review: any run.json made a folder UNMERGE's, and everything in it was removed."""
+    run_dir = workdir / "runs" / "synthetic-test"
+    (run_dir / "Documents").mkdir(parents=True)
+    (run_dir / "run.json").write_text('{"x": 1}')
+    with pytest.raises(UnmergeError, match="holds a run.json that UNMERGE did not write"):
+        run(write_manifest())
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".unmerge-run")) == \
+        ["Documents", "run.json"]
+
+
+def test_a_run_directory_of_an_older_version_loses_only_its_known_results(write_manifest, workdir) -> None:
+    run_dir = workdir / "runs" / "synthetic-test"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text('{"status": "complete", "unmerge": "0.1.0", "stage": null}')
+    for name in ("summary.csv", "coefficients_old.png", "notes.txt"):
+        (run_dir / name).write_text("old")
+    run(write_manifest())
+    assert (run_dir / "notes.txt").read_text() == "old" and not (run_dir / "coefficients_old.png").exists()
+    assert (run_dir / "summary.csv").read_text() != "old"
+
+
+@pytest.mark.parametrize("layout", ["named-cache", "inside-cache"])
+def test_a_run_directory_inside_the_stores_cache_is_refused(write_manifest, workdir, layout) -> None:
+    """Hostile review: name = "cache" with dir = store wrote results into the store and cleared it."""
+    store = workdir / "s1"
+    out = store if layout == "named-cache" else store / "cache"
+    name = "cache" if layout == "named-cache" else "adapters"
+    path = write_manifest(**{'name = "synthetic-test"': f'name = "{name}"',
+                             f'dir = "{workdir / "runs"}"': f'dir = "{out}"\nstore = "{store}"'})
+    with pytest.raises(UnmergeError, match=r"lies inside the artifact store's cache"):
+        run(path)
+
+
+def test_a_store_inside_a_run_directory_reached_through_a_link_is_kept(write_manifest, workdir) -> None:
+    """Hostile review: the store's path was compared without resolving links, and removed."""
+    (workdir / "real").mkdir()
+    (workdir / "link").symlink_to(workdir / "real", target_is_directory=True)
+    store = workdir / "real" / "synthetic-test" / "mystore"
+    path = write_manifest(**{f'dir = "{workdir / "runs"}"': f'dir = "{workdir / "link"}"\nstore = "{store}"'})
+    run(path)
+    again = run(path)
+    assert {t.stage: t.reused for t in again.timings}["trainer"] == 7 and (store / "cache" / "adapters").is_dir()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,6 +392,25 @@ def test_a_different_manifest_with_the_same_name_is_refused_while_the_directory_
     finally:
         holder.release()
     assert run(other).table.rows  # free again
+
+
+def test_a_run_that_joins_a_running_one_never_calls_the_directory_complete_before_it(write_manifest) -> None:
+    """Hostile review: the joiner wrote complete while the first run still worked (then was killed)."""
+    from unmerge_core.pipeline.run_directory import RunDirectory, manifest_identity
+
+    path = write_manifest()
+    run_dir = path.parent / "runs" / "synthetic-test"
+    run_dir.mkdir(parents=True)
+    first = RunDirectory(run_dir, manifest_identity(path, path.read_text()), path)
+    first.claim()  # the first run of this manifest, still working
+    try:
+        run(path)
+        assert read_status(run_dir)["status"] == "running"
+    finally:
+        first.release()  # the first run ends (here: dies)
+    notes: list[str] = []
+    Runner(load_manifest(path), progress=False, echo=notes.append, plots=False).run()
+    assert any("killed or crashed" in n for n in notes) and read_status(run_dir)["status"] == "complete"
 
 
 def test_two_different_manifests_with_one_name_run_at_once_never_mix(write_manifest) -> None:
