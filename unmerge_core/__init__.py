@@ -20,6 +20,7 @@ from unmerge_core.io.store import (
     derive_seed,
     file_lock,
     safe_filename,
+    share_tree,
     temp_prefix,
 )
 from unmerge_core.pipeline.delta_pass import shared_pass
@@ -120,6 +121,7 @@ __all__ = [
     "resolve_model_ref",
     "resolve_device",
     "safe_filename",
+    "share_tree",
     "shared_pass",
     "temp_prefix",
     "thread_map",

@@ -192,8 +192,11 @@ def _share_like_open(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~UMASK)
 
 
-def _share_tree(root: Path) -> None:
-    """:func:`_share_like_open` for every file and directory under ``root`` (symbolic links untouched)."""
+def share_tree(root: Path) -> None:
+    """Give every file and directory under ``root`` (``root`` included; symbolic links untouched) the
+    mode ``open`` / ``mkdir`` give under the umask: for what a library wrote (safetensors writes 0600)
+    or a ``mkdtemp`` folder (0700), in a store a team shares."""
+    _share_like_open(root, directory=True)
     for directory, folders, files in os.walk(root):
         for name in folders:
             if not os.path.islink(os.path.join(directory, name)):
@@ -345,7 +348,7 @@ class ArtifactStore:
             _share_like_open(tmp, directory=True)
             try:
                 build(tmp)
-                _share_tree(tmp)  # what a plugin wrote with its own library (safetensors writes 0600)
+                share_tree(tmp)  # what a plugin wrote with its own library (safetensors writes 0600)
                 atomic_write_json(tmp / "DONE", {"key": key, **(meta or {})})
                 _install(tmp, final)
             finally:

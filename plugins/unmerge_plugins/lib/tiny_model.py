@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from unmerge_core import PluginParams, atomic_write_json, file_lock, temp_prefix
+from unmerge_core import PluginParams, atomic_write_json, file_lock, share_tree, temp_prefix
 
 MARKER = "unmerge-tiny.json"
 MAX_TINY_PARAMETERS = 500_000_000
@@ -81,6 +81,7 @@ def build_tiny_model(directory: Path, params: TinyModelParams) -> Path:
         try:
             _build(tmp, params)
             atomic_write_json(tmp / MARKER, params.model_dump())
+            share_tree(tmp)  # mkdtemp and safetensors make 0700 / 0600: a shared store follows the umask
             if directory.exists():  # an older build with other settings, or a leftover: set aside, then replace
                 aside = directory.parent / (temp_prefix("old.") + directory.name)
                 os.rename(directory, aside)

@@ -494,3 +494,14 @@ def test_artifacts_and_their_folders_follow_the_umask(write_manifest) -> None:
     assert files and folders
     assert {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~UMASK}
     assert {p.stat().st_mode & 0o777 for p in folders} == {0o777 & ~UMASK}
+
+
+def test_the_tiny_base_a_trainer_builds_follows_the_umask_too(tmp_path) -> None:
+    from unmerge_core.io.store import UMASK
+    from unmerge_plugins.lib.tiny_model import TinyModelParams, build_tiny_model
+
+    params = TinyModelParams(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                             pretrain_steps=0)
+    directory = build_tiny_model(tmp_path / "tiny", params)
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~UMASK
+    assert {p.stat().st_mode & 0o777 for p in directory.iterdir() if p.is_file()} == {0o666 & ~UMASK}
