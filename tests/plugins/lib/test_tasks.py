@@ -48,7 +48,7 @@ def test_at_least_twelve_generators_covering_every_category() -> None:
     assert set(CATEGORIES.values()) == ALLOWED_CATEGORIES
 
 
-@pytest.mark.parametrize("name", sorted(GENERATORS))
+@pytest.mark.parametrize("name", sorted(n for n in GENERATORS if not n.startswith("chat-")))  # chat: test_chat_tasks
 def test_generator_is_deterministic_short_and_ascii(name: str) -> None:
     gen = GENERATORS[name]
     first = [gen(random.Random(7)) for _ in range(3)]
