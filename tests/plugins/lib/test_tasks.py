@@ -236,8 +236,8 @@ def test_hf_source_uses_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple] = []
     rows = [{"question": f"q{i}", "answers": {"text": [f"a{i}"]}} for i in range(30)]
 
-    def fake_load(path, name=None, split=None):
-        calls.append((path, name, split))
+    def fake_load(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
         return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
@@ -246,7 +246,7 @@ def test_hf_source_uses_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     train = load_examples(task, 100, seed=0)
     held = load_examples(task, 100, seed=0, split="heldout")
-    assert calls[0] == ("org/data", "main", "validation")
+    assert calls[0] == ("org/data", "main", "validation", True)  # streamed: `limit` records, never all
     assert len(train) == 18 and len(held) == 2
     assert not {ex.prompt for ex in train} & {ex.prompt for ex in held}
     assert all(ex.response == "a" + ex.prompt[1:] for ex in train + held)
@@ -256,7 +256,7 @@ def test_hf_source_uses_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hf_source_accepts_plain_lists_and_templates(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = types.ModuleType("datasets")
     rows = [{"a": 1, "b": 2, "sum": 3}, {"a": 2, "b": 5, "sum": 7}]
-    fake.load_dataset = lambda path, name=None, split=None: rows
+    fake.load_dataset = lambda path, name=None, split=None, streaming=False: rows
     monkeypatch.setitem(sys.modules, "datasets", fake)
     task = _hf_task(template="{a}+{b}", response_field="sum")
     got = load_examples(task, 5, seed=0) + load_examples(task, 5, seed=0, split="heldout")

@@ -51,7 +51,8 @@ class Recorder:
         self.calls.append({
             "step": step, "threads": torch.get_num_threads(),
             "frozen": {p.dtype for p in frozen}, "trainable": {p.dtype for p in trainable},
-            "checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+            "checkpointing": bool(getattr(model, "is_activation_checkpointing", None)
+                                  or getattr(model, "is_gradient_checkpointing", False)),
             "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
         })
         if self.then is not None:
@@ -117,12 +118,11 @@ def test_gradient_checkpointing_is_enabled_on_the_model(workspace, tmp_path, mon
     assert rec.calls and all(c["checkpointing"] for c in rec.calls)
 
 
-@pytest.mark.parametrize("trainer, extra", [(peft_lora.PeftLoraTrainer, {}),
-                                            (full_finetune.FullFinetuneTrainer, {})])
-def test_accumulation_equals_one_big_batch(workspace, tmp_path, monkeypatch, trainer, extra) -> None:
+@pytest.mark.parametrize("trainer", [peft_lora.PeftLoraTrainer, full_finetune.FullFinetuneTrainer])
+def test_accumulation_equals_one_big_batch(workspace, tmp_path, monkeypatch, trainer) -> None:
     params_cls = peft_lora.PeftLoraParams if trainer is peft_lora.PeftLoraTrainer else full_finetune.FullFinetuneParams
     common = {"tiny": TINY, "learning_rate": 1e-3, "epochs": 1, "num_examples": 16, "max_length": 48,
-              "device": "cpu", "max_steps": 1, **extra}
+              "device": "cpu", "max_steps": 1}
     if params_cls is peft_lora.PeftLoraParams:
         common |= {"rank": 4, "alpha": 8.0}
     big, small = Recorder(), Recorder()

@@ -9,7 +9,9 @@ Three source kinds, chosen by ``task.source["kind"]``:
     ``response_field`` (default ``response``), optional ``template``, optional ``labels``.
 ``hf``
     ``dataset`` (a Hugging Face id), optional ``config``, ``split`` (default ``train``),
-    ``prompt_field``, ``response_field``, optional ``template``, ``labels`` and ``limit``.
+    ``prompt_field``, ``response_field``, optional ``template``, ``labels`` and ``limit``. Read
+    lazily (``streaming=True``): only the first ``limit`` records are fetched, whatever the size of
+    the dataset (a local folder of json / parquet files works too).
 
 Field names may be dotted paths into nested records, with integers indexing lists
 (``answers.text.0``). ``template`` is a :meth:`str.format` template over the record's fields that
@@ -25,6 +27,7 @@ least one) are held out. The seed only decides which examples are drawn and thei
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from collections.abc import Iterable, Mapping
@@ -197,30 +200,42 @@ def _read_jsonl(task: TaskInfo) -> list[Example]:
 
 
 def _read_hf(task: TaskInfo) -> list[Example]:
+    """The first ``limit`` records of the split (all of them without a ``limit``), streamed: the dataset
+    is read lazily, record by record, and never downloaded or converted whole."""
     src = task.source
     dataset = src.get("dataset")
     if not dataset:
         raise UnmergeError(f"task {task.name}: source kind 'hf' needs a 'dataset' (a Hugging Face id)")
+    limit = src.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UnmergeError(f"task {task.name}: source 'limit' must be a positive integer (records read), "
+                           f"got {limit!r}")
+    split = src.get("split", "train")
+
+    def unreadable(exc: BaseException) -> UnmergeError:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return UnmergeError(f"task {task.name}: could not load Hugging Face dataset {dataset}: {reason}; "
+                            "on an offline machine use a jsonl source")
+
     try:
         import datasets
 
-        split = src.get("split", "train")
-        data: Iterable[Any] = datasets.load_dataset(dataset, src.get("config"), split=split)
+        data: Iterable[Any] = datasets.load_dataset(dataset, src.get("config"), split=split, streaming=True)
     except Exception as exc:  # noqa: BLE001 - any failure to load is reported in one line
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise UnmergeError(
-            f"task {task.name}: could not load Hugging Face dataset {dataset}: {reason}; "
-            "on an offline machine use a jsonl source"
-        ) from None
-    limit = src.get("limit")
+        raise unreadable(exc) from None
     out: list[Example] = []
-    for i, record in enumerate(data):
-        if limit is not None and i >= int(limit):
+    records = iter(data)
+    for i in range(limit) if limit is not None else itertools.count():
+        try:
+            record = next(records)
+        except StopIteration:
             break
+        except Exception as exc:  # noqa: BLE001 - a stream fails while it is read, not when it is opened
+            raise unreadable(exc) from None
         try:
             out.append(_to_example(src, record))
         except ValueError as exc:
-            where = f"Hugging Face dataset {dataset}, split {src.get('split', 'train')}, record {i}"
+            where = f"Hugging Face dataset {dataset}, split {split}, record {i}"
             raise UnmergeError(f"task {task.name}: {where}: {exc}") from None
     return out
 
