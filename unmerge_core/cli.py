@@ -1,4 +1,4 @@
-"""The ``unmerge`` command line: ``run``, ``validate``, ``plugins`` and ``attribute``."""
+"""The ``unmerge`` command line: ``run``, ``validate``, ``plan``, ``plugins`` and ``attribute``."""
 
 from __future__ import annotations
 
@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("manifest", nargs="+")
     validate.set_defaults(func=_cmd_validate)
 
+    plan = sub.add_parser("plan", help="what a run of a manifest will download, store and compute (nothing runs)")
+    plan.add_argument("manifest")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=_cmd_plan)
+
     plugins = sub.add_parser("plugins", help="list installed plugins")
     plugins.add_argument("--stage", choices=STAGE_NAMES)
     plugins.add_argument("--json", action="store_true", help="print a JSON list")
@@ -154,6 +159,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"{path}: ok ({len(m.known)} known + {len(m.unknown)} unknown tasks, {n_targets} targets, "
               f"{len(m.decomposers)} decomposers)")
     return 2 if failed else 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from unmerge_core.io.store import dumps_json
+    from unmerge_core.pipeline.plan import format_plan, plan_manifest
+
+    plan = plan_manifest(args.manifest)
+    print(dumps_json(plan.to_dict()), end="") if args.json else print(format_plan(plan))
+    return 0
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:

@@ -47,6 +47,11 @@ class TopKMasker:
     def __init__(self, params: TopKParams) -> None:
         self.params = params
 
+    def plan(self, modules: dict[str, tuple[int, int]]) -> dict[str, int]:
+        """Estimates for ``unmerge plan``: the mask's size for these module shapes (out, in)."""
+        per_module = self.params.budget // max(len(modules), 1)
+        return {"coordinates": sum(min(per_module, o * i) for o, i in modules.values())}
+
     def build_mask(self, adapters: Sequence[LoraAdapter]) -> Mask:
         device = self.params.torch_device()
         if device.type == "cpu":  # the core's pass over ΔW with this masker's folds and no statistics

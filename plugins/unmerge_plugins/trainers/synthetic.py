@@ -135,6 +135,15 @@ class SyntheticTrainer:
     def __init__(self, params: SyntheticParams) -> None:
         self.params = params
 
+    def plan(self, task: object) -> dict[str, object]:
+        """Estimates for ``unmerge plan``: the adapter's shapes; no model, no data."""
+        shapes = self.params.shapes()
+        factors = 4 * self.params.rank * sum(o + i for o, i in shapes.values())
+        return {"reads_task_data": False, "rank": self.params.rank,
+                "modules": {name: list(shape) for name, shape in shapes.items()},
+                "training": {"bytes": 2 * factors, "device": "RAM",
+                             "formula": "no model: the adapter's factors, 2 × rank·(in+out)·4 B per module"}}
+
     def train(self, job: TrainJob) -> None:
         from safetensors.torch import save_file
 

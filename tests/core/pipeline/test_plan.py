@@ -65,7 +65,9 @@ def test_unit_counts_match_what_the_run_does(write_manifest, variant: bool) -> N
             assert name not in before or before[name]["units"] == 0, name
             continue
         assert before[name]["units"] == first[name]["jobs"] == after[name]["units"], name
-        assert before[name]["cached"] == first[name]["reused"] == 0, name
+        # the masker's pass over ΔW makes some merge statistics with the mask: their stage then reuses them
+        made_earlier = before[name].get("made_by_masker", 0)
+        assert before[name]["cached"] == 0 and first[name]["reused"] == made_earlier, name
         assert after[name]["cached"] == second[name]["reused"] == second[name]["jobs"], name
 
 
@@ -106,7 +108,7 @@ def test_cli_prints_one_screen(write_manifest, capsys) -> None:
     out = capsys.readouterr().out
     lines = out.rstrip("\n").splitlines()
     assert 10 <= len(lines) <= 50, out
-    assert max(map(len, lines)) <= 140, out
+    assert max(len(line) for line in lines[2:]) <= 140, out  # the first two name the manifest and run directory
     for word in ("trainer", "adapters", "targets", "cache total", "decomposer", "cached"):
         assert word in out, word
 
@@ -196,7 +198,9 @@ def test_a_hub_model_in_the_local_cache_is_listed_with_its_size(workdir, write_m
     payload = 8 * 4 * 2 * ((64 + 64) + (32 + 64) + (32 + 64) + (64 + 64))
     assert payload <= adapters["bytes_each"] <= 1.5 * payload
     training = next(m for m in data["memory"] if m["stage"] == "trainer")
-    assert training["bytes"] > 6400 * 4 and "batch" in training["formula"]
+    assert training["bytes"] == sum(training["terms"].values()) > 6400 * 4
+    assert {"weights", "adapter", "gradients_adam", "activations", "logits"} <= set(training["terms"])
+    assert "B=4 S=128 h=64 L=2" in training["formula"] and "batch_size" in training["legend"]
 
 
 def write_gguf(path: Path, tensors: dict[str, tuple[list[int], int]]) -> Path:
