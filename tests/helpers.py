@@ -131,3 +131,119 @@ def write_lora(directory: Path, modules: dict[str, tuple[int, int]], rank: int =
     cfg.update(config or {})
     (directory / "adapter_config.json").write_text(json.dumps(cfg))
     return directory
+
+
+TINY_GGUF = {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 64}
+"""The tiny llama-architecture model of :func:`write_tiny_gguf` (every row a multiple of 32: one quant block)."""
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_gguf_tensors(seed: int = 0, scale: float = 0.1) -> dict:
+    """Random float32 weights of a tiny llama model, by GGUF tensor name, in GGUF's layout (llama.cpp's
+    row order of attn_q / attn_k: transformers permutes those rows back when it loads them)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    h, f, hd = TINY_GGUF["hidden"], TINY_GGUF["ffn"], TINY_GGUF["hidden"] // TINY_GGUF["heads"]
+    vocab = len(_gguf_tokens())
+    shapes = {"token_embd.weight": (vocab, h), "output_norm.weight": (h,)}
+    for i in range(TINY_GGUF["layers"]):
+        shapes |= {f"blk.{i}.attn_norm.weight": (h,), f"blk.{i}.ffn_norm.weight": (h,),
+                   f"blk.{i}.attn_q.weight": (TINY_GGUF["heads"] * hd, h),
+                   f"blk.{i}.attn_k.weight": (TINY_GGUF["kv_heads"] * hd, h),
+                   f"blk.{i}.attn_v.weight": (TINY_GGUF["kv_heads"] * hd, h),
+                   f"blk.{i}.attn_output.weight": (h, TINY_GGUF["heads"] * hd),
+                   f"blk.{i}.ffn_gate.weight": (f, h), f"blk.{i}.ffn_up.weight": (f, h), f"blk.{i}.ffn_down.weight": (h, f)}
+    return {name: (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else scale * rng.standard_normal(shape))
+            .astype(np.float32) for name, shape in shapes.items()}
+
+
+def _gguf_tokens() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bytes_to_unicode().values(), "Ġt", "he", "Ġthe"]
+
+
+def write_tiny_gguf(path: Path, qtype: str = "F32", tensors: dict | None = None, *, seed: int = 0,
+                    architecture: str = "llama", raw: dict | None = None) -> Path:
+    """A tiny llama-architecture GGUF file transformers can load: config and byte-level BPE tokenizer
+    metadata (with a chat template), the 2-D weights in ``qtype`` (``gguf.quants.quantize``), the
+    norms in F32. ``raw`` maps a tensor name to ``(bytes as a uint8 array, type name)`` written as is."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    tensors = tiny_gguf_tensors(seed) if tensors is None else tensors
+    tokens = _gguf_tokens()
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name("tiny-llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(TINY_GGUF["hidden"])
+    writer.add_block_count(TINY_GGUF["layers"])
+    writer.add_feed_forward_length(TINY_GGUF["ffn"])
+    writer.add_head_count(TINY_GGUF["heads"])
+    writer.add_head_count_kv(TINY_GGUF["kv_heads"])
+    writer.add_rope_dimension_count(TINY_GGUF["hidden"] // TINY_GGUF["heads"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    kind = gguf.GGMLQuantizationType[qtype]
+    for name, data in tensors.items():
+        if raw and name in raw:
+            writer.add_tensor(name, raw[name][0], raw_dtype=gguf.GGMLQuantizationType[raw[name][1]])
+        elif data.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, quantize(np.ascontiguousarray(data), kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_reference(path: Path) -> dict:
+    """What transformers should make of a GGUF file's 2-D weights: ``gguf.quants.dequantize`` of each,
+    attn_q / attn_k rows permuted back (llama), by transformers' parameter name."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    heads, kv = TINY_GGUF["heads"], TINY_GGUF["kv_heads"]
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    out = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        values = dequantize(tensor.data, tensor.tensor_type).reshape([int(d) for d in reversed(tensor.shape)])
+        parts = tensor.name.split(".")
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{names[parts[2]]}.weight"
+            if parts[2] in ("attn_q", "attn_k"):
+                n = heads if parts[2] == "attn_q" else kv
+                values = values.reshape(n, values.shape[0] // n // 2, 2, -1).swapaxes(2, 1).reshape(values.shape)
+        else:
+            name = f"{names[parts[0]]}.weight"
+        out[name] = np.asarray(values, dtype=np.float32)
+    return out
+
+
+def to_gguf_layout(name: str, values):
+    """An HF-layout q_proj / k_proj weight in GGUF's row order (llama.cpp's permute); others unchanged."""
+    heads = TINY_GGUF["heads"] if name.endswith("attn_q.weight") else TINY_GGUF["kv_heads"]
+    if not name.endswith(("attn_q.weight", "attn_k.weight")):
+        return values
+    return values.reshape(heads, 2, values.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(values.shape)

@@ -10,8 +10,10 @@ from unmerge_core.devices import DeviceName, DeviceParams, cuda_available, resol
 from unmerge_core.errors import PluginError, UnmergeError, format_validation_error, read_json, read_text
 from unmerge_core.hookspecs import hookimpl
 from unmerge_core.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, common_modules
+from unmerge_core.io.gguf import dequantized_checkpoint, default_cache_root, model_source
 from unmerge_core.io.hub import resolve_model_ref
 from unmerge_core.io.lowrank import BLOCK_ROWS, LowRankDelta
+from unmerge_core.io.model_info import ModelInfo, describe_model
 from unmerge_core.io.store import (
     atomic_save_tensors,
     atomic_write_json,
@@ -77,6 +79,7 @@ __all__ = [
     "FoldingMasker",
     "DecompositionProblem",
     "LoraAdapter",
+    "ModelInfo",
     "LowRankDelta",
     "LowRankMerger",
     "Mask",
@@ -109,10 +112,14 @@ __all__ = [
     "common_modules",
     "cuda_available",
     "content_key",
+    "default_cache_root",
+    "dequantized_checkpoint",
     "derive_seed",
+    "describe_model",
     "mergekit_coefficients",
     "method_coefficients",
     "method_task_range",
+    "model_source",
     "file_lock",
     "format_validation_error",
     "hookimpl",
