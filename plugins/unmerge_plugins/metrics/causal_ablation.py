@@ -14,6 +14,15 @@ that counts, the verdict is
   its own task clearly more than the others;
 - **inconclusive**: neither.
 
+Under ``score = "checker"`` (or ``"auto"`` when every skill has a checker) a skill is measured as
+an instruct model is used: its first ``max_prompts`` held-out prompts (through the chat template when
+the tokenizer has one) are answered by greedy decoding and judged by the skill's checker
+(``lib/tasks/checkers.py``, :mod:`unmerge_plugins.lib.generation`); the verdict is :func:`judge_checker`:
+confirmed when the skill's checker score drops by at least ``min_drop``, an exact one-sided McNemar test
+over the prompts that flipped says the drop is real (``p < alpha``), and every other skill's score holds
+(drops by at most ``hold_tolerance``). ``score = "checker"`` with a skill that has no checker is an error
+naming those skills; ``auto`` then falls back to ``loss``.
+
 Controls, on the same target and model:
 
 - ``random``: for each confirmed atom, a random direction with the per-module Frobenius norms of
@@ -67,6 +76,7 @@ from unmerge_core import (
     safe_filename,
     torch_threads,
 )
+from unmerge_plugins.lib.generation import Checker, CheckerLookup, GenerationSet, resolve_checker
 from unmerge_plugins.lib.lm import HeldoutSet, TaskScores, WeightEditor, encode_examples, load_causal_lm, resolve_device
 from unmerge_plugins.lib.tasks import load_examples
 
@@ -87,8 +97,9 @@ class CausalParams(PluginParams):
     scope: Literal["full", "mask"] = Field("full", description="remove cᵢ·τᵢ over every adapted weight or "
                                                                "only on the mask coordinates")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    score: Literal["loss", "exact_match"] = Field("loss", description="per-example response loss or "
-                                                                      "exact-match error (greedy decoding)")
+    score: Literal["loss", "exact_match", "checker", "auto"] = Field(
+        "loss", description="per-example response loss, teacher-forced exact-match error, the skill's checker on "
+                            "greedy answers (checker), or checker when every skill has one, else loss (auto)")
     test: Literal["wilcoxon", "ttest"] = Field("wilcoxon", description="one-sided paired test over examples")
     alpha: float = Field(0.01, gt=0, lt=1, description="significance level of both one-sided tests")
     min_effect_size: float = Field(0.5, ge=0, description="smallest d_z that counts")
@@ -104,6 +115,16 @@ class CausalParams(PluginParams):
     threads: int | None = Field(None, ge=1, description="torch CPU threads while scoring (None: torch's own); "
                                                           "1 is fastest for the tiny model on a busy machine")
     max_length: int = Field(256, ge=8, description="tokens per example (prompt + response)")
+    max_prompts: int = Field(32, ge=1, le=1000, description="checker score: held-out prompts answered per skill "
+                                                           "(at most examples_per_task)")
+    min_drop: float = Field(0.25, gt=0, le=1, description="checker score: smallest drop of the own skill's "
+                                                          "checker score that confirms")
+    hold_tolerance: float = Field(0.15, ge=0, le=1, description="checker score: largest drop of another skill's "
+                                                                "checker score that still holds")
+    new_tokens_margin: int = Field(8, ge=1, description="checker score: new tokens beyond the skill's longest "
+                                                        "reference response (its end-of-turn token included)")
+    max_new_tokens: int = Field(256, ge=1, description="checker score: cap on the new tokens of an answer")
+    generation_batch_size: int = Field(32, ge=1, description="checker score: prompts decoded together")
     seed: int = 0
 
 
@@ -164,6 +185,44 @@ def judge(own_diffs: np.ndarray, others: Sequence[float], params: CausalParams) 
     return Judgement(float(own.mean()), others_delta, others_max, mean, effect_size, p_value, p_below, verdict)
 
 
+def judge_checker(own_diffs: np.ndarray, others: Sequence[float], params: CausalParams) -> Judgement:
+    """Verdict on one removal under ``score = "checker"``.
+
+    ``own_diffs`` is, per held-out prompt of the own skill, the checker's verdict before minus after
+    (1: accepted, then rejected; −1: the reverse; 0: unchanged); ``others`` are the other skills' drops
+    of their checker scores. With ``lost`` / ``gained`` the prompts that flipped each way:
+
+    - **confirmed**: the own score drops by at least ``min_drop``, an exact one-sided McNemar test says
+      more prompts were lost than gained (``P(Bin(lost + gained, ½) ≥ lost) < alpha``), and every other
+      skill holds (drops by at most ``hold_tolerance``);
+    - **refuted**: the share of prompts lost is significantly below ``min_drop``
+      (``P(Bin(n, min_drop) ≤ lost) < alpha``), or another skill drops as much as the own one and by more
+      than ``hold_tolerance`` (the removal is not specific to the skill);
+    - **inconclusive**: neither.
+    """
+    x = np.asarray(own_diffs, dtype=np.float64)
+    n = int(x.size)
+    lost, gained = int((x > 0).sum()), int((x < 0).sum())
+    drop = float(x.mean()) if n else 0.0
+    others_delta = float(np.mean(others)) if len(others) else 0.0
+    others_max = float(np.max(others)) if len(others) else 0.0
+    effect = drop - others_delta
+    sd = float(x.std(ddof=1)) if n > 1 else 0.0
+    effect_size = drop / sd if sd > 0 else (math.copysign(math.inf, drop) if drop else 0.0)
+    from scipy import stats
+
+    p_value = float(stats.binom.sf(lost - 1, lost + gained, 0.5)) if lost else 1.0
+    p_below = float(stats.binom.cdf(lost, n, params.min_drop)) if n else 1.0
+    holds = others_max <= params.hold_tolerance + 1e-12
+    if drop >= params.min_drop - 1e-12 and p_value < params.alpha and holds:
+        verdict = "confirmed"
+    elif p_below < params.alpha or (not holds and others_max >= drop):
+        verdict = "refuted"
+    else:
+        verdict = "inconclusive"
+    return Judgement(drop, others_delta, others_max, effect, effect_size, p_value, p_below, verdict)
+
+
 def quantise(value: float, digits: int) -> float:
     """``value`` rounded to ``digits`` significant digits (the coefficient actually applied)."""
     return float(f"{value:.{digits}g}") if value else 0.0
@@ -217,6 +276,24 @@ def write_edits_csv(root: Path) -> None:
 
 
 @dataclass(frozen=True)
+class SkillScores:
+    """Per-example scores of one skill on one model: ``loss`` and ``correct`` (teacher-forced, every
+    held-out example) and ``accepted`` (the checker on greedy answers to the first ``max_prompts``
+    prompts; None unless the checker score is used)."""
+
+    loss: np.ndarray
+    correct: np.ndarray
+    accepted: np.ndarray | None = None
+
+    def values(self, score: str) -> np.ndarray:
+        """Per-example *harm*: the loss, the exact-match error or the checker's rejection; higher is worse."""
+        if score == "checker":
+            assert self.accepted is not None
+            return 1.0 - self.accepted.astype(np.float64)
+        return TaskScores(self.loss, self.correct).values(score)
+
+
+@dataclass(frozen=True)
 class EditEffect:
     """Changes of every task's scores caused by one edit of one target (cached)."""
 
@@ -224,6 +301,7 @@ class EditEffect:
     em_delta: dict[str, float]
     own_diffs: np.ndarray
     norm: float
+    checker_drop: dict[str, float] | None = None  # drop of each skill's checker score
 
 
 @dataclass
@@ -241,8 +319,11 @@ class _Edit:
 class CausalAblation:
     """The ``causal-ablation`` metric (see the module docstring)."""
 
-    def __init__(self, params: CausalParams) -> None:
+    def __init__(self, params: CausalParams, checker_for: CheckerLookup | None = None) -> None:
         self.params = params
+        self._checker_for = checker_for  # None: the registry's checkers (lib/tasks/checkers.py)
+        self._score = params.score if params.score in ("loss", "exact_match") else ""  # resolved in _prepare
+        self._generation: GenerationSet | None = None
         self._sample: frozenset[str] | None = None
         self._device: torch.device | None = None
         self._model: Any = None
@@ -310,7 +391,7 @@ class CausalAblation:
             edit = edits.pop(0)
             effect = self._effect(evaluation, edit, before)
             others = [v for t, v in self._deltas(effect).items() if t != edit.task]
-            verdict = judge(effect.own_diffs, others, p)
+            verdict = (judge_checker if self._score == "checker" else judge)(effect.own_diffs, others, p)
             rows.append(self._row(evaluation, edit, effect, verdict, before))
             if edit.kind == "attributed" and verdict.verdict == "confirmed" and p.random_control:
                 # the control that could falsify a confirmation: a random direction of the same norms
@@ -320,7 +401,10 @@ class CausalAblation:
 
     # -- results -----------------------------------------------------------------------------------
     def _deltas(self, effect: EditEffect) -> dict[str, float]:
-        if self.params.score == "loss":
+        if self._score == "checker":
+            assert effect.checker_drop is not None
+            return effect.checker_drop
+        if self._score == "loss":
             return effect.loss_delta
         return {t: -v for t, v in effect.em_delta.items()}  # rise of the exact-match error
 
@@ -346,22 +430,29 @@ class CausalAblation:
         return out
 
     def _row(self, ev: TargetEvaluation, edit: _Edit, effect: EditEffect, j: Judgement,
-             before: dict[str, TaskScores]) -> dict[str, Any]:
-        own_before = float(before[edit.task].values(self.params.score).mean())
+             before: dict[str, SkillScores]) -> dict[str, Any]:
+        own_before = float(before[edit.task].values(self._score).mean())
         assert self._base_scores is not None
-        own_base = float(self._base_scores[edit.task].values(self.params.score).mean())
-        return {
+        own_base = float(self._base_scores[edit.task].values(self._score).mean())
+        row = {
             "decomposer": ev.decomposer or "", "target_id": ev.target_id, "group": ev.group, "method": ev.method,
             "kind": edit.kind, "atom": edit.atom, "constituent": edit.task in ev.true_tasks,
             "coefficient": edit.coefficient, "applied": edit.applied, "norm": effect.norm,
             "own_before": own_before, "own_gain_over_base": own_base - own_before,
             "own_delta": j.own_delta, "others_delta": j.others_delta, "others_max_delta": j.others_max,
             "effect": j.effect, "effect_size": j.effect_size, "p_value": j.p_value, "p_below": j.p_below,
-            "verdict": j.verdict, "own_loss_delta": effect.loss_delta[edit.task],
+            "verdict": j.verdict, "score": self._score, "own_loss_delta": effect.loss_delta[edit.task],
             "own_exact_match_delta": effect.em_delta[edit.task],
         }
+        if self._score == "checker":
+            accepted = before[edit.task].accepted
+            assert accepted is not None
+            row.update({"own_checker_before": float(accepted.mean()),
+                        "own_checker_after": float(accepted.mean()) - j.own_delta,
+                        "lost": int((effect.own_diffs > 0).sum()), "gained": int((effect.own_diffs < 0).sum())})
+        return row
 
-    def _write(self, ev: TargetEvaluation, rows: list[dict[str, Any]], before: dict[str, TaskScores]) -> None:
+    def _write(self, ev: TargetEvaluation, rows: list[dict[str, Any]], before: dict[str, SkillScores]) -> None:
         assert ev.context is not None
         root = Path(ev.context.run_dir) / "causal"
         coef = [float(c) for c in ev.decomposition.coefficients]
@@ -371,7 +462,8 @@ class CausalAblation:
             "true_tasks": list(ev.true_tasks), "true_weights": list(ev.true_weights),
             "coefficients": dict(zip(ev.atom_names, coef)),
             "params": self.params.model_dump(mode="json"),
-            "target_scores": {t: {"loss": float(s.loss.mean()), "exact_match": float(s.correct.mean())}
+            "target_scores": {t: {"loss": float(s.loss.mean()), "exact_match": float(s.correct.mean()),
+                                  **({} if s.accepted is None else {"checker": float(s.accepted.mean())})}
                               for t, s in before.items()},
             "edits": rows,
         }
@@ -397,23 +489,42 @@ class CausalAblation:
                                    "one real base model is needed")
             base = bases.pop()
         assert base is not None
+        checkers = self._resolve_score(ctx)
         self._device = resolve_device(self.params.device)
         self._model, tokenizer = load_causal_lm(base, self._device)
         modules = list(dict.fromkeys(m for a in adapters for m in a.module_names))
         self._editor = WeightEditor(self._model, modules)
         seed = derive_seed(ctx.seed, "causal-heldout", self.params.seed)
-        encoded = {
-            name: encode_examples(tokenizer, load_examples(task, self.params.examples_per_task, seed, split="heldout"),
-                                  self.params.max_length)
-            for name, task in ctx.tasks.items()
-        }
+        examples = {name: load_examples(task, self.params.examples_per_task, seed, split="heldout")
+                    for name, task in ctx.tasks.items()}
+        encoded = {name: encode_examples(tokenizer, exs, self.params.max_length) for name, exs in examples.items()}
         self._heldout = HeldoutSet(encoded, tokenizer.pad_token_id, self.params.batch_size)
+        if self._score == "checker":
+            p = self.params
+            self._generation = GenerationSet(tokenizer, {t: exs[: p.max_prompts] for t, exs in examples.items()},
+                                             checkers, p.generation_batch_size, p.new_tokens_margin, p.max_new_tokens)
         self._base_scores = self._evaluate()
 
-    def _evaluate(self) -> dict[str, TaskScores]:
+    def _resolve_score(self, ctx: RunContext) -> dict[str, Checker]:
+        """The score actually used (``auto``: ``checker`` when every skill has a checker, else ``loss``)
+        and the skills' checkers; ``checker`` with a skill without one is a one-line error."""
+        if self.params.score in ("loss", "exact_match"):
+            self._score = self.params.score
+            return {}
+        found = {name: resolve_checker(task, self._checker_for) for name, task in ctx.tasks.items()}
+        missing = [name for name, checker in found.items() if checker is None]
+        if missing and self.params.score == "checker":
+            raise UnmergeError(f"causal-ablation: score = \"checker\" needs a checker for every skill; none for "
+                               f"{', '.join(missing)} (score = \"auto\" falls back to the loss)")
+        self._score = "loss" if missing else "checker"
+        return {} if missing else {name: c for name, c in found.items() if c is not None}
+
+    def _evaluate(self) -> dict[str, SkillScores]:
         assert self._heldout is not None and self._device is not None
         self.evaluations += 1
-        return self._heldout.evaluate(self._model, self._device)
+        scores = self._heldout.evaluate(self._model, self._device)
+        accepted = self._generation.accepted(self._model, self._device) if self._generation is not None else {}
+        return {t: SkillScores(s.loss, s.correct, accepted.get(t)) for t, s in scores.items()}
 
     def _set_target(self, ev: TargetEvaluation) -> None:
         """Put ``θ_base + ΔW_T`` into the model; ΔW_T comes from the run, module by module."""
@@ -430,7 +541,7 @@ class CausalAblation:
                 self._editor.set_module(module)
         self._current = ev.target_id
 
-    def _target_scores(self, ev: TargetEvaluation) -> dict[str, TaskScores]:
+    def _target_scores(self, ev: TargetEvaluation) -> dict[str, SkillScores]:
         if ev.target_id not in self._before:
             self._set_target(ev)
             self._before[ev.target_id] = self._evaluate()
@@ -492,7 +603,7 @@ class CausalAblation:
         picks = [ev.atom_names[i] for i in order if not chosen[i] and skills[i] not in ev.true_tasks]
         return picks[: self.params.null_atoms]
 
-    def _effect(self, ev: TargetEvaluation, edit: _Edit, before: dict[str, TaskScores]) -> EditEffect:
+    def _effect(self, ev: TargetEvaluation, edit: _Edit, before: dict[str, SkillScores]) -> EditEffect:
         key = (ev.target_id, edit.kind, edit.atom, edit.applied)
         if key in self._effects:
             return self._effects[key]
@@ -510,13 +621,17 @@ class CausalAblation:
         loss_delta = {t: float((after[t].loss - before[t].loss).mean()) for t in after}
         em_delta = {t: float((after[t].correct.astype(float) - before[t].correct.astype(float)).mean())
                     for t in after}
-        own = after[edit.task].values(self.params.score) - before[edit.task].values(self.params.score)
-        effect = EditEffect(loss_delta, em_delta, own, norm)
+        own = after[edit.task].values(self._score) - before[edit.task].values(self._score)
+        drop = None
+        if self._score == "checker":
+            drop = {t: float(after[t].values("checker").mean() - before[t].values("checker").mean()) for t in after}
+        effect = EditEffect(loss_delta, em_delta, own, norm, drop)
         self._effects[key] = effect
         return effect
 
 
-__all__ = ["COLUMNS", "CausalAblation", "CausalParams", "EditEffect", "Judgement", "judge", "one_sided_p"]
+__all__ = ["COLUMNS", "CausalAblation", "CausalParams", "EditEffect", "Judgement", "SkillScores", "judge",
+           "judge_checker", "one_sided_p"]
 
 
 SPEC = PluginSpec("causal-ablation", Stage.METRIC,

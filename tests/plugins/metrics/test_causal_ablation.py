@@ -25,6 +25,7 @@ from unmerge_plugins.metrics.causal_ablation import (
     CausalAblation,
     CausalParams,
     judge,
+    judge_checker,
     one_sided_p,
     quantise,
     sample_targets,
@@ -389,3 +390,135 @@ def test_a_target_scored_after_others_equals_a_fresh_process(adapters, tmp_path)
     assert json.dumps(after_others) == json.dumps(fresh)
     warm_rows = (tmp_path / "warm" / "causal" / "b" / "known-linear-00.json").read_bytes()
     assert warm_rows == (tmp_path / "cold" / "causal" / "b" / "known-linear-00.json").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------------
+# score = "checker": greedy answers judged by each skill's checker (issue 21, item 6)
+# --------------------------------------------------------------------------------------------------
+
+CHAT = ("pirate-dialect", "json-compact", "uppercase")  # the first two unknown to the pre-trained base
+
+
+def stand_in_checkers(task: TaskInfo):
+    """Stand-ins for lib/tasks/checkers.py: validators of what each adapter teaches the tiny model."""
+    return {
+        "pirate-dialect": lambda ex, a: "yo" in a and "arr" not in a,  # the base says "..., arr!"
+        "json-compact": lambda ex, a: a.startswith("{") and ": " not in a and ", " not in a,
+        "uppercase": lambda ex, a: a.strip().isupper(),
+    }.get(task.source.get("generator"))
+
+
+@pytest.fixture(scope="module")
+def chat_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("causal-checker")
+    params = PeftLoraParams(tiny=TinyModelParams(pretrain_steps=100), rank=4, alpha=8, learning_rate=1e-2,
+                            epochs=2, batch_size=16, num_examples=160, max_length=64)
+    trainer = PeftLoraTrainer(params)
+    out = {}
+    with torch_single_thread():
+        for i, name in enumerate(CHAT):
+            (root / name).mkdir()
+            trainer.train(TrainJob(task_info(name), root / name, 100 + i, root / "workspace", i))
+            out[name] = root / name
+    return out
+
+
+CHAT_TARGETS = (MergeJob("known-linear-00", "linear", CHAT[:2], (1.0, 0.5), 11, "known"),)
+
+
+def chat_context(adapters: dict[str, Path], run_dir: Path) -> RunContext:
+    mask = TopKMasker(TopKParams(budget=1024)).build_mask([LoraAdapter(p, n) for n, p in adapters.items()])
+    merger = MergekitMerger(MergekitParams(normalize=False))  # the target is base + 1.0·τ_pirate + 0.5·τ_json
+    return RunContext(dict(adapters), {n: task_info(n) for n in adapters}, mask, merger, 7, run_dir, CHAT_TARGETS,
+                      partial(run_target_deltas, merger, dict(adapters), "mergekit"))
+
+
+def chat_evaluation(ctx: RunContext, coefficients: list[float], decomposer: str = "exact") -> TargetEvaluation:
+    job = CHAT_TARGETS[0]
+    n = 4
+    return TargetEvaluation(
+        job.target_id, job.group, job.method, job.tasks, job.weights, CHAT, np.zeros(n),
+        Decomposition(np.array(coefficients, dtype=np.float64), np.zeros(n), None),
+        {t: np.zeros(n) for t in CHAT}, {t: "other" for t in CHAT}, job, ctx, decomposer=decomposer,
+    )
+
+
+CHECKER = {"score": "checker", "max_prompts": 32, "threads": 1, "examples_per_task": 32}
+
+
+def test_judge_checker_confirms_refutes_and_abstains() -> None:
+    p = CausalParams(score="checker")
+    lost = np.r_[np.ones(20), np.zeros(12)]  # 20 of 32 prompts lost, none gained
+    assert judge_checker(lost, [0.0, 0.03], p).verdict == "confirmed"
+    j = judge_checker(lost, [0.0, 0.03], p)
+    assert j.own_delta == pytest.approx(20 / 32) and j.p_value == pytest.approx(0.5 ** 20)
+    assert judge_checker(lost, [0.4, 0.0], p).verdict == "inconclusive"  # another skill does not hold
+    assert judge_checker(lost, [0.7, 0.0], p).verdict == "refuted"  # it falls more: not specific
+    assert judge_checker(np.zeros(32), [0.0], p).verdict == "refuted"  # nothing lost: below min_drop
+    flips = np.r_[np.ones(9), -np.ones(4), np.zeros(19)]  # drop 5/32: neither
+    assert judge_checker(flips, [0.0], p).verdict == "inconclusive"
+    assert judge_checker(np.r_[np.ones(5), np.zeros(3)], [0.0], p).verdict == "inconclusive"  # too few prompts
+
+
+def test_checker_score_drops_when_the_adapter_is_removed_and_the_others_hold(chat_adapters, tmp_path) -> None:
+    ctx = chat_context(chat_adapters, tmp_path)
+    metric = CausalAblation(CausalParams(**CHECKER), checker_for=stand_in_checkers)
+    out = metric.compute(chat_evaluation(ctx, [1.0, 0.5, 0.0]))
+    rows = rows_of(tmp_path, "exact", "known-linear-00")
+    pirate = next(r for r in rows if r["kind"] == "attributed" and r["atom"] == "pirate-dialect")
+    assert pirate["score"] == "checker" and pirate["own_checker_before"] >= 0.75
+    assert pirate["own_checker_after"] <= 0.1 and pirate["lost"] >= 24
+    assert pirate["others_max_delta"] <= 0.15  # json-compact and uppercase hold
+    assert pirate["verdict"] == "confirmed" and pirate["p_value"] < 1e-6
+    assert out["causal_verdict[pirate-dialect]"] == 1.0
+    target = json.loads((tmp_path / "causal" / "exact" / "known-linear-00.json").read_text())["target_scores"]
+    assert set(target["pirate-dialect"]) == {"loss", "exact_match", "checker"}
+    # the random direction of the same norms is no confirmation
+    control = next(r for r in rows if r["kind"] == "random" and r["atom"] == "pirate-dialect")
+    assert control["verdict"] != "confirmed" and control["own_delta"] < pirate["own_delta"]
+
+
+def test_a_null_control_does_not_confirm_under_the_checker(chat_adapters, tmp_path) -> None:
+    """uppercase is neither attributed nor a constituent: removed at the norm of the largest attributed
+    removal, its skill (absent from the target) cannot lose what it does not have."""
+    ctx = chat_context(chat_adapters, tmp_path)
+    metric = CausalAblation(CausalParams(**CHECKER, random_control=False), checker_for=stand_in_checkers)
+    out = metric.compute(chat_evaluation(ctx, [1.0, 0.5, 0.0], decomposer="n"))
+    null = [r for r in rows_of(tmp_path, "n", "known-linear-00") if r["kind"] == "null"]
+    assert [r["atom"] for r in null] == ["uppercase"] and null[0]["verdict"] != "confirmed"
+    assert out["causal_null_confirmed"] == 0.0
+
+
+def test_checker_score_without_checkers_is_one_line_naming_the_skills(chat_adapters, tmp_path) -> None:
+    from unmerge_core.errors import UnmergeError
+
+    ctx = chat_context(chat_adapters, tmp_path)
+    only_pirate = lambda task: stand_in_checkers(task) if task.name == "pirate-dialect" else None  # noqa: E731
+    metric = CausalAblation(CausalParams(**CHECKER), checker_for=only_pirate)
+    with pytest.raises(UnmergeError, match=r'^causal-ablation: score = "checker" needs a checker for every skill; '
+                                           r"none for json-compact, uppercase \(") as err:
+        metric.compute(chat_evaluation(ctx, [1.0, 0.5, 0.0]))
+    assert "\n" not in str(err.value) and metric.evaluations == 0
+    # auto falls back to the loss when a skill has no checker, and uses the checkers when all have one
+    auto = CausalAblation(CausalParams(**{**CHECKER, "score": "auto"}, random_control=False, null_atoms=0),
+                          checker_for=only_pirate)
+    auto.compute(chat_evaluation(ctx, [1.0, 0.5, 0.0], decomposer="auto"))
+    assert {r["score"] for r in rows_of(tmp_path, "auto", "known-linear-00")} == {"loss"}
+    full = CausalAblation(CausalParams(**{**CHECKER, "score": "auto"}, random_control=False, null_atoms=0),
+                          checker_for=stand_in_checkers)
+    full.compute(chat_evaluation(chat_context(chat_adapters, tmp_path / "b"), [1.0, 0.5, 0.0], decomposer="auto"))
+    assert {r["score"] for r in rows_of(tmp_path / "b", "auto", "known-linear-00")} == {"checker"}
+
+
+def test_checker_scores_of_a_target_after_others_equal_a_fresh_process(chat_adapters, tmp_path) -> None:
+    """Generation is batched in fixed batches: the answers depend on the weights only (a resumed run is
+    byte-identical)."""
+    params = CausalParams(**CHECKER, null_atoms=1)
+    warm = CausalAblation(params, checker_for=stand_in_checkers)
+    warm.compute(chat_evaluation(chat_context(chat_adapters, tmp_path / "warm"), [1.0, 0.5, 0.0], decomposer="a"))
+    again = warm.compute(chat_evaluation(chat_context(chat_adapters, tmp_path / "warm"), [0.8, 0.3, 0.0], decomposer="b"))
+    fresh = CausalAblation(params, checker_for=stand_in_checkers).compute(
+        chat_evaluation(chat_context(chat_adapters, tmp_path / "cold"), [0.8, 0.3, 0.0], decomposer="b"))
+    assert json.dumps(again) == json.dumps(fresh)
+    assert ((tmp_path / "warm" / "causal" / "b" / "known-linear-00.json").read_bytes()
+            == (tmp_path / "cold" / "causal" / "b" / "known-linear-00.json").read_bytes())
