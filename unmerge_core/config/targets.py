@@ -29,6 +29,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from unmerge_core.errors import UnmergeError, format_validation_error, short_repr
 from unmerge_core.io.checkpoints import Checkpoint
+from unmerge_core.io.gguf import find_gguf, inspect_gguf
 from unmerge_core.io.hub import HUB_ID, resolve_model_ref
 from unmerge_core.io.store import is_safe_name
 from unmerge_core.types import StrictNumbers
@@ -437,7 +438,10 @@ def check_manifest_targets(path: Path, file: Any, task_names: Sequence[str], err
         if names.count(target.display_name) > 1:
             errors.append(f"{where}: name {target.display_name!r} is used twice; give each target a distinct 'name'")
         try:
-            kind = detect_kind(manifest_model(path, target.path, f"targets[{i}].path"), target.kind)
+            model = manifest_model(path, target.path, f"targets[{i}].path")
+            kind = detect_kind(model, target.kind)
+            if kind == "model" and (gguf := find_gguf(model, "target")) is not None:
+                inspect_gguf(gguf, "GGUF file")  # its header only: converted when the run reads it
         except UnmergeError as exc:
             message = str(exc)
             errors.append(message if message.startswith(f"{path}: ") else f"{where}.path: {message}")
@@ -460,6 +464,8 @@ def check_manifest_targets(path: Path, file: Any, task_names: Sequence[str], err
             base = manifest_model(path, file.base, "base")
             if not base.exists():
                 errors.append(f"{path}: base: no such file or directory: {base}")
+            elif (gguf := find_gguf(base, "base")) is not None:
+                inspect_gguf(gguf, "GGUF file")  # its header only: converted when the run reads it
             else:
                 Checkpoint(base, name="base")
         except UnmergeError as exc:

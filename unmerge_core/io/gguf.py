@@ -258,11 +258,24 @@ def model_source(path: str | Path, cache_root: str | Path | None = None, what: s
 
 
 def _convert(file: Path, info: GgufInfo, reader: Any, digest: str, out: Path, what: str) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    bars, bar = hf_logging.is_progress_bar_enabled(), gguf_loader.tqdm
+    hf_logging.disable_progress_bar()  # no progress bars: the conversion's output stays one-line messages
+    gguf_loader.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        _convert_quietly(file, info, reader, digest, out, what)
+    finally:
+        gguf_loader.tqdm = bar
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _convert_quietly(file: Path, info: GgufInfo, reader: Any, digest: str, out: Path, what: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder, name = str(file.parent), file.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)

@@ -17,6 +17,7 @@ import torch
 from unmerge_core.errors import UnmergeError
 from unmerge_core.io.adapters import LoraAdapter
 from unmerge_core.io.checkpoints import FLOAT_DTYPES, Checkpoint, changed_outside, check_compatible, first_difference
+from unmerge_core.io.gguf import quantization_warning
 from unmerge_core.io.masks import masked_vector
 from unmerge_core.types import Mask
 
@@ -76,6 +77,9 @@ class TargetReader:
                 raise UnmergeError(f"target {target.name}: tensor {key} holds NaN or inf")
             parts.append(values - base_values[module])
         vector = np.concatenate(parts) if parts else np.zeros(0)
+        if np.any(vector) and (noise := quantization_warning(target.path, self.base.path, vector, self.mask,
+                                                             target.name)):
+            warnings.append(noise)  # a target dequantized from GGUF: ΔW holds its rounding error
         if not np.any(vector):
             differs = first_difference(self.base, target)
             if differs is None:

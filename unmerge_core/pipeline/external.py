@@ -19,6 +19,7 @@ from unmerge_core.config.manifest import Manifest
 from unmerge_core.config.targets import Truth, detect_kind, manifest_model, truth_group
 from unmerge_core.io.checkpoints import Checkpoint
 from unmerge_core.io.code import core_identity
+from unmerge_core.io.gguf import model_source
 from unmerge_core.io.masks import mask_digest
 from unmerge_core.io.store import (
     ArtifactStore,
@@ -51,13 +52,16 @@ def score_external_targets(manifest: Manifest, loop: ScoreLoop, mask: Mask, stor
     refs = list(manifest.file.targets)
     if not refs:
         return []
-    base_path = manifest_model(manifest.path, manifest.file.base, "base") if manifest.file.base else None
+    # a GGUF base or target is read from its dequantized folder, converted once into the manifest's store
+    base_path = (model_source(manifest_model(manifest.path, manifest.file.base, "base"), manifest.store_dir,
+                              f"{manifest.path}: base:") if manifest.file.base else None)
     reader = TargetReader(mask, Checkpoint(base_path, name="base") if base_path is not None else None)
     digest = mask_digest(mask)
     targets: list[ScoreTarget] = []
     reports: list[TargetReport] = []
     for i, ref in enumerate(refs):
-        path = manifest_model(manifest.path, ref.path, f"targets[{i}].path")
+        path = model_source(manifest_model(manifest.path, ref.path, f"targets[{i}].path"), manifest.store_dir,
+                            f"{manifest.path}: targets[{i}].path:")
         name = ref.display_name
         kind = detect_kind(path, ref.kind)
         key = content_key("external", kind, str(path.resolve()), _signature(path),

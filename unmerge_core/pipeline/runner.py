@@ -33,6 +33,7 @@ from unmerge_core.config.manifest import Manifest, ResolvedPlugin
 from unmerge_core.config.targets import manifest_model
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
 from unmerge_core.io.adapters import LoraAdapter
+from unmerge_core.io.gguf import model_source
 from unmerge_core.io.masks import check_mask, load_mask, masked_vector, save_mask
 from unmerge_core.io.store import (
     ArtifactStore,
@@ -593,7 +594,8 @@ class Runner:
         if not users:
             return None
         names = sorted({n for s in users for n in constituent_trainings(s)})
-        explicit = manifest_model(self.m.path, self.m.file.base, "base") if self.m.file.base else None
+        explicit = (model_source(manifest_model(self.m.path, self.m.file.base, "base"), self.store.root,
+                                 f"{self.m.path}: base:") if self.m.file.base else None)
         label = self.m.merger_for(users[0].method).label
         return base_model_path([LoraAdapter(adapter_dirs[n], n) for n in names], users[0].method, label, explicit)
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unmerge_core import UnmergeError
+from unmerge_core import UnmergeError, model_source
 from unmerge_plugins.lib.tasks import Example
 
 
@@ -40,9 +40,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_causal_lm(path: str | Path, device: torch.device) -> tuple[Any, Any]:
-    """Load a base model (float32, eval mode) and its ``tokenizer.json`` tokenizer from a local path or hub id."""
+    """Load a base model (float32, eval mode) and its ``tokenizer.json`` tokenizer from a local path or hub id
+    (a ``.gguf`` file, or a folder holding one, is read from its dequantized folder in the user cache)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    if Path(path).exists():
+        path = model_source(Path(path), what="causal-ablation: base model")
     local = Path(path).exists()  # a local path never reaches the network; a hub id (named by the user) may
     try:
         # As the peft-lora trainer does: AutoTokenizer would pick the architecture's tokenizer class

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from unmerge_core import PluginParams, TaskInfo, UnmergeError
+from unmerge_core import PluginParams, TaskInfo, UnmergeError, model_source
 from unmerge_plugins.lib.lm import encode_examples
 from unmerge_plugins.lib.tiny_model import TinyModelParams, build_tiny_model
 
@@ -88,10 +88,15 @@ class CausalLmTrainingParams(PluginParams):
         return self
 
     def base_path(self, workspace: Path) -> str:
-        """The base model: the tiny one built (once) in the trainer's workspace, or ``base_model``."""
+        """The base model: the tiny one built (once) in the trainer's workspace, or ``base_model`` (a
+        ``.gguf`` file, or a folder holding one, is dequantized once into the user cache and read from
+        there: the adapters then name that folder as their base)."""
         if self.tiny is not None:
             return str(build_tiny_model(workspace / "tiny-base", self.tiny).resolve())
         assert self.base_model is not None
+        if Path(self.base_model).expanduser().exists():
+            source = model_source(Path(self.base_model).expanduser(), what="trainer base_model")
+            return self.base_model if source == Path(self.base_model).expanduser() else str(source.resolve())
         return self.base_model
 
 
