@@ -260,3 +260,15 @@ def test_every_new_setting_has_a_description() -> None:
     for name in ("dtype", "autocast", "gradient_checkpointing", "gradient_accumulation", "max_steps", "threads",
                  "checkpoint_every"):
         assert fields[name].description, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype, autocast", [("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp16")])
+def test_half_precision_on_cuda_trains_a_float32_adapter(workspace, tmp_path, dtype, autocast) -> None:
+    """On a GPU: bf16 / fp16 base weights and autocast (fp16 with loss scaling); the adapter stays float32."""
+    from safetensors.torch import load_file
+
+    log = run(lora_params(device="cuda", dtype=dtype, autocast=autocast, max_steps=3), workspace, tmp_path / "a")
+    assert log["steps"] == 3 and all(torch.isfinite(torch.tensor(v)) for v in log["epoch_mean_loss"])
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
