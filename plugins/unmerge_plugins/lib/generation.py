@@ -55,10 +55,10 @@ FALLBACK_KEY = "fallback_checker"
 """A task source key: ``"exact"`` gives a skill without a checker the exact-match checker."""
 
 
-def resolve_checker(task: TaskInfo, lookup: CheckerLookup | None = None) -> Checker | None:
+def resolve_checker(task: TaskInfo, lookup: CheckerLookup | None = None, fallback: bool = True) -> Checker | None:
     """The checker of one skill: the one of the registry task its source names (``checker_task``),
-    else ``lookup(task)`` (the registry's checkers by default), else exact match when its source says
-    ``fallback_checker = "exact"``, else None."""
+    else ``lookup(task)`` (the registry's checkers by default), else (with ``fallback``) exact match when
+    its source says ``fallback_checker = "exact"``, else None."""
     lookup = lookup or registry_checker_for
     named = task.source.get(CHECKER_TASK_KEY)
     checker = None
@@ -67,7 +67,7 @@ def resolve_checker(task: TaskInfo, lookup: CheckerLookup | None = None) -> Chec
                                   dict(named.get("source", {})), str(named.get("description", ""))))
     if checker is None:
         checker = lookup(task)
-    if checker is None and task.source.get(FALLBACK_KEY) == "exact":
+    if checker is None and fallback and task.source.get(FALLBACK_KEY) == "exact":
         checker = exact_match
     return checker
 

@@ -511,7 +511,9 @@ class CausalAblation:
         if self.params.score in ("loss", "exact_match"):
             self._score = self.params.score
             return {}
-        found = {name: resolve_checker(task, self._checker_for) for name, task in ctx.tasks.items()}
+        # a fallback checker (exact match, `unmerge attribute --verify`) counts under "checker" only
+        found = {name: resolve_checker(task, self._checker_for, fallback=self.params.score == "checker")
+                 for name, task in ctx.tasks.items()}
         missing = [name for name, checker in found.items() if checker is None]
         if missing and self.params.score == "checker":
             raise UnmergeError(f"causal-ablation: score = \"checker\" needs a checker for every skill; none for "

@@ -522,3 +522,54 @@ def test_checker_scores_of_a_target_after_others_equal_a_fresh_process(chat_adap
     assert json.dumps(again) == json.dumps(fresh)
     assert ((tmp_path / "warm" / "causal" / "b" / "known-linear-00.json").read_bytes()
             == (tmp_path / "cold" / "causal" / "b" / "known-linear-00.json").read_bytes())
+
+
+def test_attribute_verify_task_data_uses_the_registry_tasks_checker(chat_adapters, tmp_path, monkeypatch) -> None:
+    """``--task-data SKILL=FILE.jsonl`` where SKILL is a registry task: its answers are judged by that task's
+    checker (a skill without one would get exact match under score = "checker")."""
+    import random
+
+    from helpers import merged_full_model
+    from unmerge_core.pipeline.attribute import AttributeRequest, run_attribute, verification_tasks
+    from unmerge_plugins.lib import generation
+    from unmerge_plugins.lib.tasks import GENERATORS
+
+    monkeypatch.setattr(generation, "registry_checker_for", stand_in_checkers)
+    rng = random.Random(0)
+    data = tmp_path / "pirate.jsonl"
+    data.write_text("".join(json.dumps({"prompt": ex.prompt, "response": ex.response}) + "\n"
+                            for ex in (GENERATORS["pirate-dialect"](rng) for _ in range(600))))
+    base = Path(LoraAdapter(chat_adapters["pirate-dialect"]).base_model)
+    target = merged_full_model(base, chat_adapters["pirate-dialect"], tmp_path / "merged")
+    dictionary = tmp_path / "dict"
+    dictionary.mkdir()
+    for name in ("pirate-dialect", "uppercase"):
+        (dictionary / name).symlink_to(chat_adapters[name], target_is_directory=True)
+    request = AttributeRequest(targets=[("merged", target)], output_dir=tmp_path / "out", base=base,
+                               dictionary=dictionary, masker_params={"budget": 2048}, verify=True,
+                               registry=REPO / "registry.toml", task_data={"pirate-dialect": data},
+                               metrics=[("causal-ablation", {**CHECKER, "examples_per_task": 32})])
+    tasks = verification_tasks(request, ["pirate-dialect", "uppercase"], warn=lambda s: None)
+    assert tasks["pirate-dialect"].source["kind"] == "jsonl"
+    assert tasks["pirate-dialect"].source["checker_task"]["name"] == "pirate-dialect"
+    assert generation.resolve_checker(tasks["pirate-dialect"]) is not None
+    with torch_single_thread():
+        result = run_attribute(request, echo=lambda s: None)
+    skills = {s.name: s for s in result.reports[0].attributions[0].skills}
+    assert skills["pirate-dialect"].causal == "confirmed"
+    rows = [r for r in rows_of(tmp_path / "out", next(p.name for p in (tmp_path / "out" / "causal").iterdir()
+                                                       if p.is_dir()), "merged")]
+    assert {r["score"] for r in rows} == {"checker"}
+
+
+def test_attribute_verify_defaults_to_checkers_on_an_instruct_base(tmp_path) -> None:
+    from unmerge_core.pipeline.attribute import _verify_defaults, has_chat_template
+
+    (tmp_path / "instruct").mkdir()
+    (tmp_path / "instruct" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "tokenizer_config.json").write_text("{}")
+    assert has_chat_template(tmp_path / "instruct") and not has_chat_template(tmp_path / "plain")
+    assert not has_chat_template(None) and not has_chat_template(tmp_path / "missing")
+    assert _verify_defaults("causal-ablation", 3, tmp_path / "instruct") == {"targets_per_cell": 3, "score": "auto"}
+    assert _verify_defaults("causal-ablation", 3, tmp_path / "plain") == {"targets_per_cell": 3}
