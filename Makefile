@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MANIFEST ?= experiments/quickstart.toml
 REAL_GGUF := .real/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run test test-slow test-real real real-model fuzz scenarios merge-methods bench bench-scaling clean
+.PHONY: install run test test-slow test-real real real-model example fuzz scenarios merge-methods bench bench-scaling clean
 
 install: $(STAMP)
 
@@ -53,6 +53,12 @@ $(REAL_GGUF): | $(STAMP)
 # verification by generation (README: "A real pretrained LLM").
 real: install $(REAL_GGUF)
 	$(BIN)/unmerge run experiments/smollm2.toml
+
+# The worked example: mergekit-yaml merges three of `make real`'s adapters (one outside the dictionary),
+# then unmerge attribute says what the merge is made of (files in runs/worked-example/).
+example: install $(REAL_GGUF)
+	test -f runs/smollm2/adapters.json || $(MAKE) real
+	$(BIN)/python experiments/worked_example.py
 
 # The tests that need the real model (GGUF reading of the real file, chat skills learned on it).
 test-real: install $(REAL_GGUF)

@@ -16,6 +16,7 @@ from unmerge_core.io.lowrank import BLOCK_ROWS, LowRankDelta
 from unmerge_core.io.model_info import ModelInfo, describe_model
 from unmerge_core.io.store import (
     atomic_save_tensors,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     content_key,
@@ -106,6 +107,7 @@ __all__ = [
     "UnmergeError",
     "__version__",
     "atomic_save_tensors",
+    "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "blas_threads",

@@ -11,10 +11,11 @@ from the ``reconstruction`` and ``unique-share`` metrics, which run with or with
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from unmerge_core.config.targets import (
 from unmerge_core.errors import UnmergeError, plugin_errors
 from unmerge_core.io.adapters import LoraAdapter, check_orientation, common_modules, dropped_modules, model_types
 from unmerge_core.io.checkpoints import Checkpoint, model_config
+from unmerge_core.io.gguf import model_source
 from unmerge_core.io.masks import check_mask, masked_vector
 from unmerge_core.io.store import check_output_dir, derive_seed, to_jsonable
 from unmerge_core.io.target_reader import TargetReader, target_deltas
@@ -196,7 +198,7 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
     decomposers = [resolve_decomposer(manager, name, params) for name, params in request.decomposers]
     report_metrics = list(REPORT_METRICS) + ([VERIFY_METRIC] if request.verify else [])
     requested = list(request.metrics) + [(m, {}) for m in report_metrics if m not in dict(request.metrics)]
-    requested = [(m, {**_verify_defaults(m, len(request.targets)), **params}) for m, params in requested]
+    requested = [(m, {**_verify_defaults(m, len(request.targets), request.base), **params}) for m, params in requested]
     metrics = [resolve_plugin(manager, "metric", name, _with_threshold(manager, name, params, request.support_threshold),
                               f"--metric {name}") for name, params in requested]
     provides = ATTRIBUTE_PROVIDES + (VERIFY_PROVIDES if request.verify else ())
@@ -205,6 +207,9 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
         if missing:
             raise UnmergeError(f"--{plugin.spec.stage.value} {plugin.label}: needs {', '.join(missing)}, which "
                                f"`unmerge attribute` does not have ({_WHY_MISSING.get(missing[0], 'not available')})")
+    # a .gguf target or base is read from its dequantized checkpoint folder (converted once, user cache)
+    request = replace(request, targets=[(n, model_source(p, what=f"target {n}")) for n, p in request.targets],
+                      base=model_source(request.base, what="--base") if request.base is not None else None)
     kinds = {name: detect_kind(path, request.kind) for name, path in request.targets}
     base = None
     if request.verify and request.base is None:
@@ -319,9 +324,49 @@ _WHY_MISSING = {
 }
 
 
-def _verify_defaults(metric: str, n_targets: int) -> dict[str, Any]:
-    """``--verify`` checks every target (the metric's own default samples one per cell)."""
-    return {"targets_per_cell": max(n_targets, 1)} if metric == VERIFY_METRIC else {}
+def _verify_defaults(metric: str, n_targets: int, base: Path | None = None) -> dict[str, Any]:
+    """``--verify`` checks every target (the metric's own default samples one per cell); on an instruct
+    base (its tokenizer has a chat template) by the skills' checkers on greedy answers when every skill
+    has one (``score = "auto"``), else by the response loss (the metric's default)."""
+    if metric != VERIFY_METRIC:
+        return {}
+    return {"targets_per_cell": max(n_targets, 1), **({"score": "auto"} if has_chat_template(base) else {})}
+
+
+def has_chat_template(base: Path | None) -> bool:
+    """Whether a base model folder's tokenizer (or a ``.gguf`` file's metadata) has a chat template."""
+    if base is None:
+        return False
+    try:
+        path = Path(base)
+        ggufs = [path] if path.is_file() else sorted(path.glob("*.gguf")) if path.is_dir() else []
+        if path.is_dir() and (path / "chat_template.jinja").is_file():
+            return True
+        config = path / "tokenizer_config.json"
+        if path.is_dir() and config.is_file():
+            return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+        if len(ggufs) == 1 and ggufs[0].suffix == ".gguf":
+            from gguf import GGUFReader  # header only (memory-mapped)
+
+            return "tokenizer.chat_template" in GGUFReader(str(ggufs[0])).fields
+    except (OSError, ValueError, ImportError, AttributeError):
+        return False
+    return False
+
+
+CHECKER_TASK_KEY = "checker_task"  # as unmerge_plugins.lib.generation reads them (the core imports no plugin)
+FALLBACK_CHECKER_KEY = "fallback_checker"
+
+
+def _with_checker(task: TaskInfo, registry_task: TaskInfo | None) -> TaskInfo:
+    """A skill's task data, told which registry task's checker judges its answers (when it names one)
+    and to fall back to exact match of the answer and the reference response (under
+    ``score = "checker"``) when there is none."""
+    source: dict[str, Any] = {**task.source, FALLBACK_CHECKER_KEY: "exact"}
+    if registry_task is not None:
+        source[CHECKER_TASK_KEY] = {"name": registry_task.name, "category": registry_task.category,
+                                    "source": dict(registry_task.source)}
+    return TaskInfo(task.name, task.category, source, task.description)
 
 
 def verification_tasks(request: AttributeRequest, skills: Sequence[str], warn: Callable[[str], None],
@@ -345,18 +390,26 @@ def verification_tasks(request: AttributeRequest, skills: Sequence[str], warn: C
         else:
             warn("--verify: no registry.toml found (none in the current folder or above it, and none shipped "
                  "with this installation): pass --registry FILE, --task SKILL=TASK or --task-data SKILL=FILE.jsonl")
+    if registry is None and request.task_data and (quiet := request.registry or nearest_registry(Path.cwd())
+                                                   or packaged_registry()) is not None:
+        try:  # only to find the checker of a --task-data skill named like a registry task
+            registry = Registry.load(quiet)
+        except UnmergeError:
+            registry = None
     tasks: dict[str, TaskInfo] = {}
     for skill in skills:
+        name = request.task_names.get(skill, skill)
+        known = registry.task(name) if registry is not None and name in registry.task_names else None
         if skill in request.task_data:
             data = request.task_data[skill]
             if not data.is_file():
                 raise UnmergeError(f"--task-data {skill}={data}: no such file")
-            tasks[skill] = TaskInfo(skill, "other", {"kind": "jsonl", "path": str(data.resolve())})
+            category = known.category if known is not None else "other"
+            tasks[skill] = _with_checker(TaskInfo(skill, category, {"kind": "jsonl", "path": str(data.resolve())}),
+                                         known)
             continue
-        name = request.task_names.get(skill, skill)
-        if registry is not None and name in registry.task_names:
-            task = registry.task(name)
-            tasks[skill] = TaskInfo(skill, task.category, task.source, task.description)
+        if known is not None:
+            tasks[skill] = _with_checker(TaskInfo(skill, known.category, known.source, known.description), known)
         elif skill in request.task_names:
             where = registry.path if registry is not None else "no registry found"
             raise UnmergeError(f"--task {skill}={name}: no task {name!r} in {where}")

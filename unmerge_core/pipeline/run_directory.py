@@ -95,12 +95,14 @@ class RunDirectory:
         self._held: int | None = None
         self._foreign: frozenset[str] = frozenset()
         self.first = True  # no other run held the directory when this one claimed it
+        self.claimed = False  # a stage run on its own (Runner.train() …) claims nothing and records nothing
 
     def claim(self) -> None:
         """Hold the directory for this run; raise :class:`UnmergeError` when another manifest holds it,
         or when it holds a ``run.json`` UNMERGE did not write.
 
         The first run to hold it removes the previous run's results (:meth:`clear_results`)."""
+        self.claimed = True
         if fcntl is None:  # pragma: no cover
             self._start()
             return
@@ -152,7 +154,10 @@ class RunDirectory:
 
     def record_outputs(self) -> None:
         """Remember what the runs of this claim wrote at the top of the directory (removed by the next
-        first claim); called whenever the run's status is written, so a killed run is covered too."""
+        first claim); called whenever the run's status is written, so a killed run is covered too. A
+        directory never claimed (a stage called on its own, outside ``Runner.run``) records nothing."""
+        if not self.claimed:
+            return
         if fcntl is None:  # pragma: no cover
             self._write_owner(made=self._made_now())
             return

@@ -318,7 +318,7 @@ def train_causal_lm(model: Any, tokenizer: Any, examples: list[tuple[list[int], 
             "gradient_checkpointing": params.gradient_checkpointing, "device": device,
             "threads": torch.get_num_threads() if params.threads is None else params.threads,
             "tokens": state["tokens"], "seconds": round(seconds, 6),
-            "tokens_per_second": state["tokens"] / seconds if seconds > 0 else None,
+            "tokens_per_second": state["tokens"] / round(seconds, 6) if round(seconds, 6) > 0 else None,
             "resumed_from_step": resumed_from}
 
 
@@ -385,7 +385,7 @@ class TrainingCheckpoint:
 
         import torch
 
-        from unmerge_core.io.store import atomic_write_bytes
+        from unmerge_core import atomic_write_bytes
 
         payload = {
             "fingerprint": self.fingerprint,
@@ -430,7 +430,7 @@ def training_checkpoint(workspace: Path, task: str, seed: int, params: CausalLmT
     trainer's workspace (which is keyed by the trainer's configuration); ``None`` when not asked for."""
     if params.checkpoint_every is None:
         return None
-    from unmerge_core.io.store import content_key, safe_filename
+    from unmerge_core import content_key, safe_filename
 
     fingerprint = content_key("training-checkpoint", params.model_dump(mode="json"), task, seed,
                               hashlib.sha256(json.dumps(examples).encode()).hexdigest())

@@ -15,16 +15,18 @@ import json
 import re
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from unmerge_core import Capability, PluginSpec, Stage, TrainJob, UnmergeError
 from unmerge_plugins.lib.training import (
     CausalLmTrainingParams,
     load_base,
+    prepare_model,
     quiet_transformers,
-    resolve_device,
     seed_everything,
     train_causal_lm,
+    training_checkpoint,
+    training_device,
     training_examples,
 )
 
@@ -34,12 +36,25 @@ class FullFinetuneParams(CausalLmTrainingParams):
 
     learning_rate: float = Field(1e-3, gt=0, le=10)
 
+    @model_validator(mode="after")
+    def _float32_weights(self) -> FullFinetuneParams:
+        if self.dtype != "float32":
+            raise ValueError(f"full-finetune trains the weights themselves, which must stay float32 (AdamW steps "
+                             f"vanish in {self.dtype}): set dtype = 'float32' and autocast = 'bf16' for speed")
+        return self
+
 
 class FullFinetuneTrainer:
     """Trains the ``target_modules`` weights in place; writes ΔW as an exact full-rank LoRA."""
 
     def __init__(self, params: FullFinetuneParams) -> None:
         self.params = params
+
+    def plan(self, task: object) -> dict[str, object]:
+        """Estimates for ``unmerge plan``: shapes from the base model's config (nothing is loaded)."""
+        from unmerge_plugins.lib.plan_estimates import causal_lm_plan
+
+        return causal_lm_plan(self.params, rank=None)
 
     def train(self, job: TrainJob) -> None:
         import torch
@@ -48,10 +63,10 @@ class FullFinetuneTrainer:
         quiet_transformers()
         p = self.params
         seed = job.seed + p.seed
+        device = training_device(p, "full-finetune")
         seed_everything(seed)
         model, tokenizer = load_base(p.base_path(job.workspace), "full-finetune")
         seed_everything(seed)
-        device = resolve_device(p.device)
         targets = {name: module for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in p.target_modules}
         if not targets:
@@ -63,9 +78,10 @@ class FullFinetuneTrainer:
         for name, module in targets.items():
             module.weight.requires_grad_(True)
             before[name] = module.weight.detach().clone()
-        model.to(device)
+        prepare_model(model, p, device)
         examples = training_examples(tokenizer, job.task, p, seed, "full-finetune")
-        log = train_causal_lm(model, tokenizer, examples, p, seed, device, "full-finetune", job.task.name)
+        checkpoint = training_checkpoint(job.workspace, job.task.name, seed, p, examples)
+        log = train_causal_lm(model, tokenizer, examples, p, seed, device, "full-finetune", job.task.name, checkpoint)
         tensors, ranks = {}, {}
         for name, module in targets.items():
             a, b = exact_factors(module.weight.detach().cpu() - before[name])
@@ -83,6 +99,8 @@ class FullFinetuneTrainer:
         }
         (job.output_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (job.output_dir / "training_log.json").write_text(json.dumps(log, indent=2))
+        if checkpoint is not None:
+            checkpoint.remove()
 
 
 def exact_factors(delta: Any) -> tuple[Any, Any]:

@@ -10,10 +10,12 @@ from unmerge_core import Capability, PluginSpec, Stage, TrainJob
 from unmerge_plugins.lib.training import (
     CausalLmTrainingParams,
     load_base,
+    prepare_model,
     quiet_transformers,
-    resolve_device,
     seed_everything,
     train_causal_lm,
+    training_checkpoint,
+    training_device,
     training_examples,
 )
 
@@ -32,25 +34,35 @@ class PeftLoraTrainer:
     def __init__(self, params: PeftLoraParams) -> None:
         self.params = params
 
+    def plan(self, task: object) -> dict[str, object]:
+        """Estimates for ``unmerge plan``: shapes from the base model's config (nothing is loaded)."""
+        from unmerge_plugins.lib.plan_estimates import causal_lm_plan
+
+        return causal_lm_plan(self.params, rank=self.params.rank)
+
     def train(self, job: TrainJob) -> None:
         from peft import LoraConfig, get_peft_model
 
         quiet_transformers()
         p = self.params
         seed = job.seed + p.seed
+        device = training_device(p, "peft-lora")
         seed_everything(seed)
         model, tokenizer = load_base(p.base_path(job.workspace), "peft-lora")
         # again: building the tiny base (first job only) draws from torch's generator, and the adapter
         # must not depend on whether this job built it or found it built
         seed_everything(seed)
-        device = resolve_device(p.device)
         config = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout,
                             target_modules=list(p.target_modules), bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(model, config).to(device)
+        # LoRA weights stay float32 whatever dtype the base is held in (prepare_model)
+        model = prepare_model(get_peft_model(model, config), p, device)
         examples = training_examples(tokenizer, job.task, p, seed, "peft-lora")
-        log = train_causal_lm(model, tokenizer, examples, p, seed, device, "peft-lora", job.task.name)
+        checkpoint = training_checkpoint(job.workspace, job.task.name, seed, p, examples)
+        log = train_causal_lm(model, tokenizer, examples, p, seed, device, "peft-lora", job.task.name, checkpoint)
         model.save_pretrained(job.output_dir, safe_serialization=True)
         (job.output_dir / "training_log.json").write_text(json.dumps(log, indent=2))
+        if checkpoint is not None:
+            checkpoint.remove()
 
 
 SPEC = PluginSpec("peft-lora", Stage.TRAINER, "Train a LoRA adapter per task with PEFT + transformers",

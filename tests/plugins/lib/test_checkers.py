@@ -217,15 +217,23 @@ def test_python_expression_checker() -> None:
 @pytest.mark.parametrize(
     ("name", "reference", "answer", "ok"),
     [
-        ("chat-word-problem", "17", "17", True),
-        ("chat-word-problem", "17", "The answer is 17.", True),
-        ("chat-word-problem", "17", "Emma has 17 apples now.", True),
-        ("chat-word-problem", "17", "17.5", False),
-        ("chat-word-problem", "17", "-17", False),
-        ("chat-word-problem", "17", "1 7", False),
-        ("chat-word-problem", "17", "170", False),
-        ("chat-word-problem", "17", "12 + 5 = 17", False),  # the first number is the answer
-        ("chat-word-problem", "17", "seventeen", False),
+        ("chat-word-problem", "12 + 5 = 17", "12 + 5 = 17", True),
+        ("chat-word-problem", "12 + 5 = 17", "12+5=17", True),
+        ("chat-word-problem", "12 + 5 = 17", "Emma has 12 + 5 = 17 apples now.", True),
+        ("chat-word-problem", "12 + 5 = 17", "17", False),  # the task asks for the equation
+        ("chat-word-problem", "12 + 5 = 17", "12 + 5 = 18", False),
+        ("chat-word-problem", "12 + 5 = 17", "12 - 5 = 17", False),
+        ("chat-word-problem", "12 + 5 = 17", "5 + 12 = 17", False),
+        ("chat-word-problem", "12 + 5 = 17", "12 + 5 = 17 + 0", False),
+        ("chat-word-problem", "12 + 5 = 17", "12 + 5 = seventeen", False),
+        ("chat-compare", "17", "17", True),
+        ("chat-compare", "17", "The answer is 17.", True),
+        ("chat-compare", "17", "17.5", False),
+        ("chat-compare", "17", "-17", False),
+        ("chat-compare", "17", "1 7", False),
+        ("chat-compare", "17", "170", False),
+        ("chat-compare", "17", "12 + 5 = 17", False),  # the first number is the answer
+        ("chat-compare", "17", "seventeen", False),
         ("chat-compare", "82", "82", True),
         ("chat-compare", "82", "82 is larger.", True),
         ("chat-compare", "82", "47", False),
@@ -275,7 +283,7 @@ def test_checker_for_other_tasks_is_none() -> None:
 
 
 def test_skill_score_is_the_share_accepted() -> None:
-    task = procedural("chat-word-problem")
+    task = procedural("chat-compare")
     examples = [Example("a", "17"), Example("b", "3"), Example("c", "40"), Example("d", "8")]
     assert skill_score(task, examples, ["17", "It is 3.", "41", ""]) == 0.5
     assert skill_score(task, examples, [e.response for e in examples]) == 1.0

@@ -15,8 +15,9 @@ answers are right:
                            one trailing semicolon is optional (identifiers keep their case)
 ``chat-python-*``          parses to the same Python syntax tree (``ast``): spacing, line breaks and
                            redundant parentheses are free; nothing is executed
-``chat-word-problem``,     the first number in the answer equals the reference number
-``chat-compare``
+``chat-word-problem``      an equation with the reference's numbers and operators in order
+                           (``12 + 5 = 17``; spacing and words around it are free)
+``chat-compare``           the first number in the answer equals the reference number
 ``chat-sort``              the numbers in the answer are the reference's, in the same order
 ``chat-markdown-row``      one line ``| ... |`` whose stripped cells are the reference's
 ``chat-csv-line``          one CSV line (:mod:`csv`) whose cells are exactly the reference's
@@ -195,6 +196,12 @@ def check_first_number(example: Example, answer: str) -> bool:
     return bool(got) and bool(expected) and math.isclose(got[0], expected[0], rel_tol=0.0, abs_tol=1e-9)
 
 
+def check_equation(example: Example, answer: str) -> bool:
+    """An equation (``12 + 5 = 17``) with the reference's numbers and ``+`` / ``-`` operators, in order."""
+    expected = re.findall(r"\d+|[-+=]", example.response, re.ASCII)
+    return "=" in expected and re.findall(r"\d+|[-+=]", answer, re.ASCII) == expected
+
+
 def check_number_list(example: Example, answer: str) -> bool:
     """The numbers in the answer are the reference's, in order (any separators or brackets)."""
     expected = _numbers(example.response)
@@ -215,7 +222,7 @@ CHECKERS: dict[str, Checker] = {
     "chat-xml-person": check_xml_element,
     "chat-markdown-row": check_markdown_row,
     "chat-csv-line": check_csv_line,
-    "chat-word-problem": check_first_number,
+    "chat-word-problem": check_equation,
     "chat-compare": check_first_number,
     "chat-sort": check_number_list,
 }

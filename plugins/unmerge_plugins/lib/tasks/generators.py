@@ -459,17 +459,21 @@ _C_LOSSES: tuple[str, ...] = ("gives {b} away", "loses {b}", "sells {b}")
 
 
 def chat_word_problem(rng: random.Random) -> Example:
-    """``Emma has 12 apples and buys 5 more. How many apples does Emma have now?`` -> ``17``."""
+    """``Emma has 12 apples and buys 5 more. How many apples does Emma have now? Answer with the equation.``
+    -> ``12 + 5 = 17``.
+
+    The answer is the equation, not the bare number: SmolLM2-135M learned the bare number to 12 % in 30
+    LoRA steps (it cannot add in its head), writing the operation first is what a small model can do."""
     name, item = rng.choice(_C_NAMES), rng.choice(_C_ITEMS)
     a = rng.randint(2, 20)
     if rng.random() < 0.5:
         b = rng.randint(1, 10)
-        verb, answer = rng.choice(_C_GAINS).format(b=b), a + b
+        verb, answer = rng.choice(_C_GAINS).format(b=b), f"{a} + {b} = {a + b}"
     else:
         b = rng.randint(1, a - 1)
-        verb, answer = rng.choice(_C_LOSSES).format(b=b), a - b
-    prompt = f"{name} has {a} {item} and {verb}. How many {item} does {name} have now?"
-    return Example(prompt, str(answer))
+        verb, answer = rng.choice(_C_LOSSES).format(b=b), f"{a} - {b} = {a - b}"
+    prompt = f"{name} has {a} {item} and {verb}. How many {item} does {name} have now? Answer with the equation."
+    return Example(prompt, answer)
 
 
 def chat_compare(rng: random.Random) -> Example:
