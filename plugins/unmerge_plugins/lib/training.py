@@ -25,7 +25,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from unmerge_core import PluginParams, TaskInfo, UnmergeError, model_source
 from unmerge_plugins.lib.lm import encode_examples
@@ -71,6 +71,19 @@ class CausalLmTrainingParams(PluginParams):
                                                   "weights, optimizer and RNG states, position) into the trainer's "
                                                   "workspace: a killed training resumes from it, losing at most N "
                                                   "steps, to the same adapter bytes; removed once the adapter is saved")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _base_from_the_manifest_folder(cls, data: Any, info: ValidationInfo) -> Any:
+        """A relative ``base_model`` that exists beside the manifest is read from there (as every path in a
+        manifest is), not from the current directory; anything else stays as written (a Hub id)."""
+        folder = (info.context or {}).get("manifest_dir")
+        if folder is None or not isinstance(data, dict) or not isinstance(data.get("base_model"), str):
+            return data
+        written = Path(data["base_model"]).expanduser()
+        if not written.is_absolute() and (Path(folder) / written).exists():
+            return {**data, "base_model": str((Path(folder) / written).resolve())}
+        return data
 
     @model_validator(mode="after")
     def _one_base(self) -> CausalLmTrainingParams:
