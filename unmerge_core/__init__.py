@@ -29,6 +29,7 @@ from unmerge_core.io.store import (
 from unmerge_core.pipeline.delta_pass import shared_pass
 from unmerge_core.pipeline.parallel import BufferPool, blas_threads, thread_map, torch_threads
 from unmerge_core.types import (
+    CLAIMS,
     BaseWeightMerger,
     Capability,
     Decomposer,
@@ -65,6 +66,7 @@ from unmerge_core.types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLAIMS",
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "BLOCK_ROWS",

@@ -345,7 +345,9 @@ def unmerge_decomposers() -> list[PluginSpec]:
         ``reconstruction`` (one per coordinate). Optionally set ``support`` (boolean per atom) when
         the method has its own decision rule — otherwise ``|c| > threshold`` is used
         (:meth:`~unmerge_core.Decomposition.selected`) — ``out_of_dictionary`` when it judges the
-        target not explainable by the dictionary, and ``info`` (JSON-serialisable diagnostics;
+        target not (wholly) explainable by the dictionary, ``claims`` (per atom ``"exact"``, ``"retrained"``,
+        ``"relative"`` or ``None``: what each attributed atom stands for; ``"relative"`` is listed but not
+        counted as a claim of the skill; default ``"exact"``), and ``info`` (JSON-serialisable diagnostics;
         ``confidence``, ``p_values`` or ``layer_consistency`` per atom are shown by the reports).
         Wrong lengths, NaN/inf and non-JSON ``info`` are refused with an error naming the plugin.
         Follow scikit-learn's habits: hyper-parameters come from the params model; no state is

@@ -38,6 +38,9 @@ class Stage(str, Enum):
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.value for s in Stage)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+CLAIMS: tuple[str, ...] = ("exact", "retrained", "relative")
+"""Claim levels of an attributed atom (:attr:`Decomposition.claims`): this exact adapter; this skill,
+another training; this skill or a close relative (cannot tell apart here, not a claim of the skill)."""
 
 
 def strict_numbers(schema: Any) -> Any:
@@ -345,8 +348,14 @@ class Decomposition:
         support: Optional boolean ``(n_atoms,)``: the atoms the decomposer itself declares present.
             When ``None`` the metrics derive the support from ``|coefficients|`` and their threshold.
         out_of_dictionary: Optional verdict: ``True`` when the decomposer judges that the target is
-            not made of dictionary atoms at all.
+            not (or not wholly) made of dictionary atoms.
         info: Free-form JSON-serialisable diagnostics (chosen penalty, iterations, scores...).
+        claims: Optional claim level per atom (one of :data:`CLAIMS`, or ``None`` for an atom that is not
+            attributed): what an attributed atom stands for — ``"exact"`` this very adapter,
+            ``"retrained"`` this skill from another training, ``"relative"`` this skill *or a close
+            relative of it* (the dictionary cannot tell them apart). A ``"relative"`` atom is listed but is
+            not a claim of its skill (:meth:`claimed`). ``None`` (no levels): every attributed atom is
+            claimed as ``"exact"``, the only thing a plain fit of the atoms states.
     """
 
     coefficients: np.ndarray
@@ -354,6 +363,7 @@ class Decomposition:
     support: np.ndarray | None = None
     out_of_dictionary: bool | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    claims: tuple[str | None, ...] | None = None
 
     def selected(self, threshold: float = 1e-3, relative: bool = False) -> np.ndarray:
         """The support rule every metric and report uses: the atoms this decomposition attributes.
@@ -366,6 +376,19 @@ class Decomposition:
         coef = np.abs(np.asarray(self.coefficients, dtype=np.float64)).reshape(-1)
         limit = threshold * (float(coef.max()) if relative and coef.size else 1.0)
         return coef > limit
+
+    def claim_levels(self, threshold: float = 1e-3, relative: bool = False) -> list[str | None]:
+        """The claim level of every atom: ``None`` where it is not attributed, else its level in
+        :attr:`claims` (``"exact"`` when the decomposer gives none)."""
+        chosen = self.selected(threshold, relative)
+        given = self.claims if self.claims is not None else (None,) * chosen.shape[0]
+        return [(given[j] or "exact") if on else None for j, on in enumerate(chosen)]
+
+    def claimed(self, threshold: float = 1e-3, relative: bool = False) -> np.ndarray:
+        """The atoms claimed as their skill: attributed with any level except ``"relative"`` (every
+        metric and suite that counts claims counts these)."""
+        return np.array([c is not None and c != "relative" for c in self.claim_levels(threshold, relative)],
+                        dtype=bool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -460,8 +483,9 @@ class TargetEvaluation:
         return tuple(t for t in self.true_tasks if t in known)
 
     def selected_skills(self, threshold: float = 1e-3, relative: bool = False) -> set[str]:
-        """The skills the decomposition attributes (a skill is attributed when any of its atoms is)."""
-        chosen = self.decomposition.selected(threshold, relative)
+        """The skills the decomposition claims (a skill is claimed when any of its atoms is attributed with a
+        claim level other than ``"relative"``, :meth:`Decomposition.claimed`)."""
+        chosen = self.decomposition.claimed(threshold, relative)
         return {skill for skill, on in zip(self.skill_of_atom, chosen) if on}
 
     def skill_coefficients(self) -> dict[str, float]:

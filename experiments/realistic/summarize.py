@@ -65,10 +65,15 @@ def main(root: Path) -> None:
 
 
 def _chosen(row: dict, skills: list[str]) -> set[str]:
-    support = row["support"]
-    if support is None:
-        support = [abs(c) > 1e-3 for c in row["coefficients"]]
-    return {s for s, on in zip(skills, support) if on}
+    """The skills the row claims: every attributed atom except those with claim "relative" (the skill or a
+    close relative of it, not a claim of the skill)."""
+    claims = row.get("claims")
+    if claims is None:
+        support = row["support"]
+        if support is None:
+            support = [abs(c) > 1e-3 for c in row["coefficients"]]
+        claims = ["exact" if on else None for on in support]
+    return {s for s, c in zip(skills, claims) if c is not None and c != "relative"}
 
 
 if __name__ == "__main__":

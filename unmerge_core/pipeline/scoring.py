@@ -34,6 +34,7 @@ from unmerge_core.io.store import (
 )
 from unmerge_core.pipeline.executor import Executor, SequentialExecutor, progress
 from unmerge_core.types import (
+    CLAIMS,
     Decomposition,
     DecompositionProblem,
     DictionaryGram,
@@ -174,7 +175,13 @@ def check_decomposition(result: Any, problem: DecompositionProblem, label: str, 
         json.dumps(info, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise PluginError("decomposer", label, f"returned info that is not JSON-serialisable ({exc})") from None
-    return Decomposition(coef, recon, support, None if ood is None else bool(ood), info)
+    claims = None
+    if result.claims is not None:
+        claims = tuple(None if c is None else str(c) for c in result.claims)
+        if len(claims) != n_atoms or any(c is not None and c not in CLAIMS for c in claims):
+            raise PluginError("decomposer", label, f"returned claims {list(claims)!r}; expected one of {list(CLAIMS)} "
+                                                   f"or None per atom ({n_atoms} atoms)")
+    return Decomposition(coef, recon, support, None if ood is None else bool(ood), info, claims)
 
 
 def save_decomposition(path: Path, result: Decomposition, problem: DecompositionProblem,
@@ -187,6 +194,7 @@ def save_decomposition(path: Path, result: Decomposition, problem: Decomposition
         "coefficients": [float(c) for c in result.coefficients],
         "support": None if result.support is None else [bool(s) for s in result.support],
         "out_of_dictionary": result.out_of_dictionary,
+        "claims": None if result.claims is None else list(result.claims),
         "info": result.info,
         "reconstruction": "linear" if linear else "stored",
     })
@@ -206,7 +214,9 @@ def load_decomposition(path: Path, problem: DecompositionProblem) -> Decompositi
         else:
             recon = load_tensors(path.with_suffix(".safetensors"))["reconstruction"].numpy()
         support = None if data["support"] is None else np.asarray(data["support"], dtype=bool)
-        return Decomposition(coef, recon, support, data["out_of_dictionary"], dict(data["info"]))
+        claims = data.get("claims")
+        return Decomposition(coef, recon, support, data["out_of_dictionary"], dict(data["info"]),
+                             None if claims is None else tuple(claims))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable: recompute
 

@@ -29,6 +29,7 @@ from tabulate import tabulate
 from unmerge_core.config.targets import Truth
 from unmerge_core.io.store import atomic_write_json, atomic_write_text, to_jsonable
 from unmerge_core.pipeline.scoring import Scored
+from unmerge_core.types import CLAIMS
 
 DEFAULT_SUPPORT_THRESHOLD = 1e-3
 DEFAULT_OOD_THRESHOLD = 0.5
@@ -55,6 +56,7 @@ class AtomScore:
     confidence: float | None = None
     skill: str = ""
     causal: str | None = None  # confirmed / refuted / inconclusive, when verified
+    claim: str | None = None   # exact / retrained / relative (unmerge_core.CLAIMS), when attributed
 
     def __post_init__(self) -> None:
         self.skill = self.skill or self.name
@@ -69,6 +71,7 @@ class SkillScore:
     confidence: float | None
     atoms: list[str]
     causal: str | None = None
+    claim: str | None = None   # the strongest level among its attributed atoms
 
 
 @dataclass
@@ -106,6 +109,8 @@ class Attribution:
             score = out.setdefault(a.skill, SkillScore(a.skill, 0.0, None, []))
             score.coefficient += a.coefficient
             score.atoms.append(a.name)
+            if a.selected and a.claim is not None:
+                score.claim = a.claim if score.claim is None else min(score.claim, a.claim, key=CLAIMS.index)
             if a.selected and a.confidence is not None:
                 score.confidence = max(score.confidence or 0.0, a.confidence)
             if a.selected and a.causal is not None:
@@ -116,10 +121,10 @@ class Attribution:
     def as_dict(self) -> dict[str, Any]:
         return {
             "decomposer": self.decomposer,
-            "attributed": [{"atom": a.name, "skill": a.skill, "coefficient": a.coefficient,
+            "attributed": [{"atom": a.name, "skill": a.skill, "claim": a.claim, "coefficient": a.coefficient,
                             "confidence": a.confidence, "causal": a.causal} for a in self.attributed],
-            "skills": [{"skill": s.name, "coefficient": s.coefficient, "confidence": s.confidence, "atoms": s.atoms,
-                        "causal": s.causal} for s in self.skills],
+            "skills": [{"skill": s.name, "claim": s.claim, "coefficient": s.coefficient, "confidence": s.confidence,
+                        "atoms": s.atoms, "causal": s.causal} for s in self.skills],
             "coefficients": {a.name: a.coefficient for a in self.atoms},
             "confidence": {a.name: a.confidence for a in self.atoms if a.confidence is not None},
             "confidence_source": self.confidence_source,
@@ -214,9 +219,10 @@ def attribution_from(scored: Scored, *, support_threshold: float = DEFAULT_SUPPO
         verdict = "explained" if not ood else ("partly-explained" if any_selected else "not-explained")
         rule = f"fallback: recon_error {'>' if ood else '≤'} {ood_threshold:g}"
     if verdict == "not-explained" or not isinstance(remainder, (int, float)):
-        remainder = float(error) if verdict != "explained" else None
+        remainder = float(error)  # reported with every verdict: the share of the target's energy not explained
     notes = [str(n) for n in result.info.get("notes", []) if isinstance(n, str)]
-    atoms = [AtomScore(n, float(c), bool(s), confidence[j], skills[j], causal[j])
+    claims = result.claim_levels(support_threshold)
+    atoms = [AtomScore(n, float(c), bool(s), confidence[j], skills[j], causal[j], claims[j])
              for j, (n, c, s) in enumerate(zip(names, coef, support))]
     shown = {k: v for k, v in metrics.items() if not k.startswith((CONFIDENCE_METRIC, CAUSAL_COLUMN))}
     return Attribution(scored.decomposer, atoms, float(error), verdict, rule, source, shown, dict(result.info),
@@ -238,6 +244,10 @@ def format_atoms(attribution: Attribution, sep: str = "\n") -> str:
     for s in attribution.skills:
         conf = "" if s.confidence is None else f" ({s.confidence:.2f})"
         many = f" [{len(s.atoms)} atoms]" if len(s.atoms) > 1 else ""
+        if s.claim == "relative":
+            many += " [or a close relative]"
+        elif s.claim == "retrained":
+            many += " [another training]"
         causal = f" [{s.causal}]" if s.causal else ""
         parts.append(f"{s.name} {s.coefficient:.3f}{conf}{many}{causal}")
     return sep.join(parts) if parts else "—"
@@ -245,8 +255,7 @@ def format_atoms(attribution: Attribution, sep: str = "\n") -> str:
 
 def format_verdict(attribution: Attribution, sep: str = "\n") -> str:
     """``verdict (remainder share)`` then the rule and the decomposer's notes."""
-    remainder = "" if attribution.remainder_share is None or attribution.verdict == "explained" else \
-        f" (remainder {attribution.remainder_share:.0%})"
+    remainder = "" if attribution.remainder_share is None else f" (remainder {attribution.remainder_share:.0%})"
     lines = [f"{attribution.verdict}{remainder}", f"[{attribution.verdict_rule}]", *attribution.notes]
     return sep.join(lines)
 

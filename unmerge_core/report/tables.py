@@ -75,6 +75,7 @@ class ResultRow:
                 "method": self.method, "true_tasks": list(self.true_tasks), "true_weights": list(self.true_weights),
                 "coefficients": self.coefficients,
                 "support": None if d.support is None else [bool(x) for x in d.support],
+                "claims": d.claim_levels(),
                 "out_of_dictionary": d.out_of_dictionary, "metrics": self.metrics, "info": d.info}
 
 
