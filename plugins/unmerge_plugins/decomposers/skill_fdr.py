@@ -16,20 +16,23 @@ depend on energy (the full rule is in :mod:`unmerge_plugins.lib.skill_test`):
   other skills) are left out of the dictionary and used as the target (leave-skills-out), and never
   below ``min_effect`` (noise-free inputs would otherwise shrink it to round-off).
 - **p-value** of the one-sided t-test over units; **Benjamini–Hochberg** at ``alpha`` across skills.
-  The significant skills are the attribution; their atoms are refitted by non-negative least squares.
-- **Verdict**, in ``info["verdict"]``: ``not-explained`` when no skill beats ``δ_global`` (the closest pair
-  of dictionary skills: what an unknown relative could produce); ``partly-explained`` when the skills
-  not found still carry a positive mean partial correlation (the target holds structure no found skill
-  explains; ``info["remainder_share"]`` is its energy share), or when more than ``max_unexplained``
-  (half) of the target's energy is not explained by the skills found (a skill orthogonal to every
-  dictionary skill shares no structure with them, and the remainder test cannot see it); ``explained``
-  otherwise.
-- **Notes** (``info["notes"]``): a skill only significant at its own bound, or whose per-unit coefficient
-  varies (not an exact copy of the dictionary's adapter: another training, a close relative or a
-  TIES/DARE merge of it), is named with what the dictionary cannot tell apart.
+- **Exact-copy evidence**, at the atoms' own scale: NNLS + backward elimination by unique energy
+  (``nnls-select``'s rule), then each kept atom's per-unit coefficient consistency against a bound
+  calibrated on the dictionary (:mod:`unmerge_plugins.lib.claims`).
+- **One decision, a claim level per skill** (``claims``, also in ``info["claims"]``): ``exact`` (this
+  adapter), ``retrained`` (this skill, another training: significant against δ_s and against the relative
+  bound, by default δ_global), ``relative`` (this skill or a close relative, cannot tell apart: listed,
+  not claimed). The atoms of listed skills are refitted by non-negative least squares.
+- **Verdict derived from the claims** (``info["verdict"]``): ``not-explained`` when nothing is claimed exact
+  or retrained; ``partly-explained`` when something is and a remainder shows (a relative listed; the
+  absent skills' mean partial correlation ≠ 0, two-sided; an absent skill significantly negative; more
+  than ``max_unexplained`` of the energy left); ``explained`` otherwise. ``info["remainder_share"]`` with
+  every verdict; decisions within a factor 2 of α are named in the notes. ``out_of_dictionary`` is
+  ``verdict != "explained"`` (the report's flag and the metrics' ``ood_flag`` are the same).
 
-``info`` also holds, per skill, the statistic, t, p, BH q and the p-value against ``δ_global``, the
-null's description, and ``scores`` (the statistic per atom, for ranking metrics). The calibration
+``info`` also holds, per skill, the statistic, t, p, BH q, the p-values against ``δ_global`` and the
+relative bound, the exact-copy evidence (kept atoms, unique energy, consistency, κ), the null's
+description, and ``scores`` (the statistic per atom, for ranking metrics). The calibration
 depends only on the dictionary: it is computed once per dictionary and parameters and reused (a pure
 function of them, so the "no state between calls" rule holds).
 """
@@ -55,13 +58,20 @@ class SkillFdrParams(PluginParams):
                                                         "calibrating (merges of up to this many tasks)")
     delta_quantile: float = Field(1.0, gt=0, le=1, description="δ_s = this quantile of the leave-out statistics "
                                                               "(1: the maximum, conservative)")
-    ood_null: Literal["global", "own"] = Field(
-        "global", description="not-explained when no skill beats δ_global (robust to unknown relatives) or its own δ_s")
-    strict: bool = Field(False, description="a not-explained target lists no skill (candidates go to the notes)")
+    relative_null: Literal["global", "pair", "own"] = Field(
+        "global", description="bound a 'retrained' claim must beat beyond its own δ_s: 'global' δ_global (what an "
+                              "unknown task as close to the skill as the dictionary's closest skills are to each "
+                              "other could produce), 'pair' max(δ_s, the closest single pair of the other skills), "
+                              "'own' δ_s alone; below it the claim is 'relative'")
+    strict: bool = Field(False, description="relative claims are not listed (they go to the notes only)")
+    min_unique_energy: float = Field(0.05, ge=0, lt=1, description="exact-copy evidence: the non-negative elimination "
+                                     "keeps atoms whose removal loses at least this share of ‖y‖² (nnls-select's rule)")
+    min_consistency: float = Field(3.0, gt=0, description="exact-copy evidence: floor under the calibrated bound of "
+                                   "an atom's per-unit coefficient consistency (median / robust SD)")
     min_effect: float = Field(0.02, ge=0, lt=1, description="smallest mean partial correlation that can count as "
                                                             "presence (a floor under the calibrated bounds)")
-    max_unexplained: float = Field(0.5, gt=0, le=1, description="a target with more than this share of its "
-                                   "energy unexplained by the skills found is at most partly-explained")
+    max_unexplained: float = Field(1 / 3, gt=0, le=1, description="a target with more than this share of its "
+                                   "energy unexplained by the skills claimed is at most partly-explained")
     max_pseudo: int = Field(2000, ge=10, le=100_000, description="pseudo-targets per number of removed skills")
     seed: int = Field(0, ge=0, description="which training of a removed skill forms a pseudo-target")
 
@@ -86,22 +96,26 @@ class SkillFdr:
                 for j, skill in enumerate(skills):
                     groups.setdefault(skill, []).append(j)
                 cal = calibrate(problem.dictionary, problem.groups, groups, bands=p.bands, max_removed=p.max_removed,
-                                max_pseudo=p.max_pseudo, seed=p.seed, delta_quantile=p.delta_quantile)
+                                max_pseudo=p.max_pseudo, seed=p.seed, delta_quantile=p.delta_quantile,
+                                min_unique_energy=p.min_unique_energy, min_consistency=p.min_consistency)
                 self._calibrations[key] = cal
         return cal
 
     def decompose(self, problem: DecompositionProblem) -> Decomposition:
         p = self.params
         cal = self.calibration(problem)
-        decision = decide(cal, problem.target, p.alpha, ood_null=p.ood_null, strict=p.strict, min_effect=p.min_effect,
-                          max_unexplained=p.max_unexplained)
+        decision = decide(cal, problem.target, p.alpha, relative_null=p.relative_null, strict=p.strict,
+                          min_effect=p.min_effect, max_unexplained=p.max_unexplained)
         skill_of = problem.skill_of_atom
-        chosen = set(decision.skills)
-        support = np.array([s in chosen for s in skill_of], dtype=bool)
+        support = np.asarray(decision.support, dtype=bool)
+        claims = tuple(decision.claims.get(s) if on else None for s, on in zip(skill_of, support))
         coef = np.asarray(decision.coefficients, dtype=np.float64)
+        names = problem.atom_names
+        ex = decision.exact
         info = {
             "verdict": decision.verdict,
-            "remainder_share": decision.remainder_share if decision.verdict == "partly-explained" else None,
+            "claims": dict(decision.claims),
+            "remainder_share": decision.remainder_share,
             "unexplained_share": decision.unexplained_share,
             "remainder_p": decision.remainder_p,
             "notes": decision.notes,
@@ -111,12 +125,22 @@ class SkillFdr:
             "p_values": [decision.p[s] for s in skill_of],
             "q_values": {s: decision.q[s] for s in decision.q},
             "p_global": decision.p_global,
+            "p_relative": decision.p_relative,
+            "exact_evidence": {
+                "kept": [names[j] for j in ex.get("kept", [])],
+                "unique_energy": {names[j]: v for j, v in ex.get("unique_energy", {}).items()},
+                "consistency": {names[j]: v for j, v in ex.get("consistency", {}).items()},
+                "kappa": dict(zip(names, ex.get("kappa", []))),
+            },
             "scores": [decision.statistic[s] for s in skill_of],
             "null": decision.null,
             "delta": {s: float(d) for s, d in zip(cal.skill_names, cal.delta)},
             "delta_global": cal.delta_global,
+            "delta_relative": {s: float(d) for s, d in zip(cal.skill_names, cal.delta_relative)}
+            if cal.delta_relative is not None else None,
         }
-        return Decomposition(coef, problem.dictionary @ coef, support, decision.verdict == "not-explained", info)
+        # out of the dictionary = not (wholly) made of claimed skills: the report's and the metric's flag agree
+        return Decomposition(coef, problem.dictionary @ coef, support, decision.verdict != "explained", info, claims)
 
 
 def _dictionary_key(problem: DecompositionProblem) -> str:
@@ -130,5 +154,6 @@ def _dictionary_key(problem: DecompositionProblem) -> str:
 
 
 SPEC = PluginSpec("skill-fdr", Stage.DECOMPOSER,
-                  "Calibrated per-skill test (interval null from the dictionary, BH FDR), three verdicts, notes",
+                  "Exact-copy evidence + calibrated per-skill test (BH FDR): a claim level per skill, the verdict "
+                  "derived from the claims",
                   "https://doi.org/10.1111/j.2517-6161.1995.tb02031.x", SkillFdrParams, SkillFdr)

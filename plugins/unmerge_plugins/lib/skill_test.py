@@ -32,34 +32,34 @@ largest over all skills (the closest pair of the dictionary).
 *p-value.* ``t_s = (m_s − δ_s) / se_s``, ``p_s = P(t_{U−1} ≥ t_s)``. Benjamini–Hochberg at level α
 over the K skills; q-values reported. Significant skills = the attribution.
 
-*Verdict.*
-- ``not-explained``: no skill is significant (BH at α) against ``δ_global`` — nothing in the target stands
-  out beyond what an unknown task as close to some skill as the dictionary's closest pair could induce.
-  (``ood_null="own"``: against each skill's own δ_s instead; more power, but it trusts that unknown tasks
-  are no closer to a skill than its closest dictionary skill — false on data with category siblings
-  outside the dictionary, the README's attribution section.) Skills significant at their own δ_s are still listed, each with a
-  note that it cannot be told from a relative.
-- ``partly-explained``: skills found, and the skills *not* found carry a positive mean partial
-  correlation (one-sided t-test over units of ``mean_{k∉S} r_uk`` > 0 at level α). A task outside the
-  dictionary shares structure with the dictionary's skills (the LOO shows every skill picks up a
-  positive share of any other task) while merge noise does not; so absent skills drift above zero only
-  when the target holds something the found skills do not explain. The remainder's energy share
-  (1 − R² of the non-negative refit on the found skills' atoms) is reported.
+*Exact-copy evidence* (:mod:`unmerge_plugins.lib.claims`): a sparse non-negative fit at the atoms' own
+scale (NNLS + backward elimination by unique energy, ``nnls-select``'s rule) and the consistency of each
+kept atom's per-unit coefficient (median / robust SD), against a bound ``κ_j`` calibrated the same
+leave-skills-out way (never below ``min_consistency``). An exact copy has its merge weight in every unit;
+bf16 / fp16 rounding of the checkpoint adds independent noise and keeps it.
+
+*Claims* (per skill, the strongest that holds): ``exact`` (an atom of it is an exact copy); ``retrained``
+(BH-significant against δ_s *and* against the relative bound — by default δ_global, what an unknown task
+as close to it as the dictionary's closest skills are to each other could produce); ``relative``
+(significant against δ_s only: the skill or a close relative of it, which the dictionary cannot tell
+apart; listed, never counted as a claim of the skill).
+
+*Verdict, derived from the claims.*
+- ``not-explained``: no skill is claimed exact or retrained (relatives may be listed, with a note);
+- ``partly-explained``: skills claimed, and a remainder: a relative is listed, or the skills not listed
+  carry a mean partial correlation that differs from 0 (two-sided t-test over units at level α: an
+  unknown task shares structure with the absent skills, a subtracted one gives them a negative share),
+  or an absent skill is significantly negative (a subtracted task, named), or more than
+  ``max_unexplained`` (a third) of the target's energy is left by the claimed skills;
 - ``explained`` otherwise.
+The remainder's share (1 − R² of the non-negative refit on the claimed skills' atoms) is reported with
+every verdict, and every decision whose q- or p-value lies within a factor 2 of α is named in a note.
 
-*Coefficients.* Non-negative least squares of the target on the atoms of the significant skills.
+*Coefficients.* Non-negative least squares of the target on the atoms of the listed skills.
 
-*Notes (near duplicates said out loud).*
-- a significant skill that is **not** significant at ``δ_global``: "X: its evidence is within what an
-  unknown task as close to X as the closest pair of dictionary skills would produce; the dictionary
-  cannot tell X from such a relative".
-- a significant single-training skill whose per-unit coefficient (in atom units) is not constant across
-  units (Cochran's heterogeneity Q against χ²_{U−1}, level α), and every multi-training skill: "not an
-  exact copy of the dictionary's X; a differently trained X, a close relative of it or a non-linear
-  merge (TIES/DARE) of it give this evidence; the dictionary cannot tell them apart". An exact copy merged
-  linearly has the same coefficient in every unit; a relative or another training does not.
-- two found skills that are each other's closest relative in the dictionary (LOO): their split may be
-  confounded.
+*Notes (near duplicates said out loud).* A retrained claim says what else gives that evidence (another
+training or a non-linear merge of the adapter); two claimed skills that are each other's closest relatives
+in the dictionary: their split may be confounded.
 
 Everything is computed from per-unit Gram quantities (atomsᵀatoms, atomsᵀy, yᵀy per unit), so the
 whole-module path can stream a module block of rows by block of rows: build ``UnitGrams.accumulate`` over
@@ -81,6 +81,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from unmerge_plugins.lib.claims import calibrate_consistency, exact_evidence
 from unmerge_plugins.lib.gram import nnls_gram
 
 VERDICTS = ("explained", "partly-explained", "not-explained")
@@ -210,6 +211,9 @@ class Calibration:
     n_pseudo: int
     max_removed: int
     null: str = "interval null E[m_s] <= delta_s (LOO max over removed subsets), t_{U-1}, BH"
+    kappa: np.ndarray | None = None        # per atom: consistency bound of the exact-copy evidence
+    min_unique_energy: float = 0.05
+    delta_relative: np.ndarray | None = None  # per skill: what an unknown relative could produce on it
 
     @property
     def U(self) -> int:
@@ -260,7 +264,8 @@ def _check_units(units: Sequence[tuple[str, slice]], skills: int, bands: int) ->
 def calibrate(D: np.ndarray, slices: Mapping[str, slice], groups: Mapping[str, Sequence[int]] | None = None,
               atom_names: Sequence[str] | None = None, *, bands: int = 4, max_removed: int = 5,
               max_pseudo: int = 2000, seed: int = 0, grams: UnitGrams | None = None,
-              delta_quantile: float = 1.0) -> Calibration:
+              delta_quantile: float = 1.0, min_unique_energy: float = 0.05,
+              min_consistency: float = 3.0) -> Calibration:
     """Leave-skills-out interval null of a dictionary.
 
     Args:
@@ -278,6 +283,8 @@ def calibrate(D: np.ndarray, slices: Mapping[str, slice], groups: Mapping[str, S
             lower values were tried for power and rejected, the README's attribution section).
         seed: picks which training of a removed skill forms the pseudo-target.
         grams: precomputed per-unit atom Grams (whole-module streaming path).
+        min_unique_energy, min_consistency: the exact-copy evidence (:mod:`unmerge_plugins.lib.claims`):
+            elimination level, and floor under the calibrated consistency bounds ``κ_j``.
     """
     D = np.asarray(D, dtype=float)
     n, m = D.shape
@@ -331,37 +338,35 @@ def calibrate(D: np.ndarray, slices: Mapping[str, slice], groups: Mapping[str, S
                 if size == 1:
                     relation[k, removed[0]] = ms[i]
     progress.close()
+    kappa = calibrate_consistency(grams.G, gl, min_unique_energy, min_consistency, scale, seed=seed)
     if K < 2:  # nothing to leave out: a point null (no relatedness allowance)
         return Calibration(D, skill_names, gl, units, grams, W, C, np.zeros(K), 0.0, relation, 0, 0,
-                           "point null E[m_s] <= 0 (a one-skill dictionary cannot be calibrated), t_{U-1}, BH")
+                           "point null E[m_s] <= 0 (a one-skill dictionary cannot be calibrated), t_{U-1}, BH",
+                           kappa, min_unique_energy, np.zeros(K))
     best = np.array([np.quantile(v, delta_quantile) for v in samples])
     return Calibration(D, skill_names, gl, units, grams, W, C, best, float(np.quantile(np.concatenate(samples),
-                       delta_quantile)), relation, n_pseudo, max_removed)
+                       delta_quantile)), relation, n_pseudo, max_removed, kappa=kappa,
+                       min_unique_energy=min_unique_energy, delta_relative=relative_bounds(relation, best))
 
 
-def exactness_pvalue(cal: "Calibration", cy: np.ndarray, yy: np.ndarray, k: int) -> float | None:
-    """p-value of H0 "the target holds a scaled copy of skill k's (single) atom".
+def relative_bounds(relation: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Per skill s: what an unknown close relative of s could produce on it, ``max(δ_s, ρ_s)``.
 
-    Under H0 the per-unit coefficient of the atom (in atom units) is the same constant in every unit, up to
-    the unit's sampling noise: Cochran's heterogeneity Q = Σ_u w_u (β_u − β̄)², w_u = 1 / Var(β_u), against
-    χ²_{U−1}. A differently trained version of the skill, a relative, or a non-linear merge (TIES / DARE)
-    of it changes the coefficient from unit to unit. None for multi-training skills (centroid columns).
+    ``ρ_s`` is the largest statistic one dictionary skill induces on another, over the pairs that do not
+    involve s (``relation``: single skills left out): an unknown task may be as close to s as the
+    dictionary's closest pair of *other* skills is (per pair, from one task each — never the coherent sum
+    of several removed skills, which inflates the bound); and never less than what s's own dictionary
+    neighbours induce on it (δ_s). A pair of related skills raises the bound of every skill to their
+    relatedness, but no higher, and the pair's own skills keep their own δ_s.
     """
-    if len(cal.groups[k]) != 1:
-        return None
-    j = cal.groups[k][0]
-    U, K = cy.shape
-    beta, var = np.zeros(U), np.zeros(U)
-    for u in range(U):
-        Ci = np.linalg.pinv(cal.C[u])
-        b = Ci @ cy[u]
-        rss = max(yy[u] - float(b @ cy[u]), _EXACT * yy[u])
-        scale = cal.W[u, j, k]
-        beta[u] = b[k] * scale
-        var[u] = rss / max(cal.grams.sizes[u] - K, 1) * Ci[k, k] * scale * scale
-    w = 1.0 / np.maximum(var, 1e-300)
-    mean = float((w * beta).sum() / w.sum())
-    return float(_scipy_stats().chi2.sf(float((w * (beta - mean) ** 2).sum()), U - 1))
+    K = relation.shape[0]
+    out = np.array(delta, dtype=float)
+    for s in range(K):
+        others = [k for k in range(K) if k != s]
+        sub = relation[np.ix_(others, others)]
+        if np.isfinite(sub).any():
+            out[s] = max(out[s], float(np.nanmax(sub)))
+    return out
 
 
 def _scipy_stats() -> Any:
@@ -395,6 +400,9 @@ class Decision:
     remainder_p: float | None
     notes: list[str] = field(default_factory=list)
     null: str = ""
+    claims: dict[str, str] = field(default_factory=dict)      # skill -> exact / retrained / relative
+    p_relative: dict[str, float] = field(default_factory=dict)  # p-value against the relative bound
+    exact: dict[str, Any] = field(default_factory=dict)       # the exact-copy evidence (atom indices)
 
 
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
@@ -412,123 +420,181 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
 
 
 def decide(cal: Calibration, y: np.ndarray | None = None, alpha: float = 0.05, *,
-           target: tuple[np.ndarray, np.ndarray] | None = None, ood_null: str = "global",
-           strict: bool = False, min_effect: float = 0.02, max_unexplained: float = 0.5) -> Decision:
-    """Attribute one target.
+           target: tuple[np.ndarray, np.ndarray] | None = None, relative_null: str = "global",
+           strict: bool = False, min_effect: float = 0.02, max_unexplained: float = 1 / 3) -> Decision:
+    """Attribute one target: a claim level per skill, the verdict derived from the claims and the remainder.
 
     Args:
         cal: :func:`calibrate` result of the dictionary.
         y: the target's vector on the same coordinates as the dictionary; or
         target: ``(D_uᵀy_u, y_uᵀy_u)`` per unit (streaming path, see :func:`target_grams`).
         alpha: BH level over skills, and level of the remainder test.
-        ood_null: "global" (default) — not-explained iff no skill is significant at δ_global (robust to
-            unknown tasks as close to a skill as the closest dictionary pair); "own" — iff no skill is
-            significant at its own δ_s (more power, less robust).
-        strict: with ood_null="global", a not-explained target reports no skills (candidates go to notes).
-        min_effect: the smallest mean partial correlation that can count as presence, a floor under δ_s
-            and δ_global: with noise-free inputs (a target that is exactly a dictionary atom, atoms that
-            share nothing) the calibrated bounds shrink to round-off and the test would compare round-off.
-        max_unexplained: above this share of the target's energy left unexplained by the skills found,
-            the verdict is at most ``partly-explained``: the remainder test only sees structure shared
-            with the skills not found, and a skill orthogonal to the whole dictionary leaves none.
+        relative_null: the bound a *retrained* claim must beat, beyond its own δ_s: ``"global"`` (default)
+            δ_global, what an unknown task as close to the skill as the dictionary's closest skills are to each
+            other (or a merge of up to ``max_removed`` such tasks) could produce; ``"pair"`` ``max(δ_s, ρ_s)`` of
+            :func:`relative_bounds` (single pairs only); ``"own"`` δ_s alone (every skill significant at its own
+            bound is claimed: more recall, and close relatives are claimed as the skill).
+        strict: relative claims are not listed (they go to the notes only).
+        min_effect: the smallest mean partial correlation that can count as presence, a floor under every
+            bound: with noise-free inputs the calibrated bounds shrink to round-off.
+        max_unexplained: above this share of the target's energy left unexplained by the claimed skills, the
+            verdict is at most ``partly-explained``.
+
+    Claims (per skill, the strongest that holds):
+
+    - ``exact``: one of its atoms is an exact copy (:func:`unmerge_plugins.lib.claims.exact_evidence`:
+      kept by the non-negative elimination at the atoms' scale, coefficient consistent across units
+      beyond its calibrated bound κ_j);
+    - ``retrained``: significant (BH at α) against its own δ_s *and* against its relative bound;
+    - ``relative``: significant against δ_s only — the skill or a close relative of it, which the
+      dictionary cannot tell apart; listed, not claimed.
+
+    Verdict: ``not-explained`` when no skill is claimed exact or retrained; otherwise
+    ``partly-explained`` when the remainder holds structure (the absent skills' mean partial correlation
+    differs from 0, two-sided; or an absent skill is significantly *negative*: a subtracted task; or more
+    than ``max_unexplained`` of the energy is left by the claimed skills), else ``explained``.
     """
     dy, yy = target if target is not None else target_grams(cal.D, np.asarray(y, dtype=float), cal.units)
     K, U = len(cal.skill_names), cal.U
     names = cal.skill_names
     m_atoms = cal.D.shape[1]
+    stats = _scipy_stats()
     if float(yy.sum()) <= 0:
         z = {s: 0.0 for s in names}
         return Decision(np.zeros(m_atoms), np.zeros(m_atoms, bool), [], z, z, {s: 1.0 for s in names},
-                        {s: 1.0 for s in names}, {s: 1.0 for s in names}, "not-explained", 0.0, 0.0, None,
-                        ["target is zero"], _describe(cal))
+                        {s: 1.0 for s in names}, {s: 1.0 for s in names}, "not-explained", 1.0, 1.0, None,
+                        ["target is zero"], _describe(cal), claims={}, p_relative={s: 1.0 for s in names})
     cy = np.einsum("uak,ua->uk", cal.W, dy)
     R = partial_correlations(cal.C, cy, yy)
     ms = R.mean(axis=0)
     se = np.maximum(R.std(axis=0, ddof=1) / np.sqrt(U), 1e-12)
     delta = np.maximum(cal.delta, min_effect)
     delta_global = max(cal.delta_global, min_effect)
+    rel = {"own": cal.delta, "global": np.full(K, cal.delta_global),
+           "pair": cal.delta_relative if cal.delta_relative is not None else cal.delta}[relative_null]
+    delta_rel = np.maximum(np.maximum(rel, cal.delta), min_effect)
     t = (ms - delta) / se
-    p = _scipy_stats().t.sf(t, U - 1)
+    p = stats.t.sf(t, U - 1)
     q = bh_qvalues(p)
-    p_glob = _scipy_stats().t.sf((ms - delta_global) / se, U - 1)
-    q_glob = bh_qvalues(p_glob)
-    sig = [k for k in range(K) if q[k] <= alpha]
+    p_glob = stats.t.sf((ms - delta_global) / se, U - 1)
+    p_rel = stats.t.sf((ms - delta_rel) / se, U - 1)
+    q_rel = bh_qvalues(p_rel)
 
-    # non-negative refit on the atoms of the significant skills (all from the Grams)
-    atoms = sorted(j for k in sig for j in cal.groups[k])
-    coef = np.zeros(m_atoms)
+    # exact-copy evidence at the atoms' own scale
+    kappa = cal.kappa if cal.kappa is not None else np.full(m_atoms, np.inf)
+    present = [j for k in range(K) if q[k] <= alpha for j in cal.groups[k]]
+    evidence = exact_evidence(cal.grams.G, dy, yy, kappa, cal.min_unique_energy, present=present)
+    exact_atoms = set(evidence.exact)
+    claims: dict[str, str] = {}
+    for k in range(K):
+        if any(j in exact_atoms for j in cal.groups[k]):
+            claims[names[k]] = "exact"
+        elif q[k] <= alpha and q_rel[k] <= alpha:
+            claims[names[k]] = "retrained"
+        elif q[k] <= alpha:
+            claims[names[k]] = "relative"
+    claimed = [k for k in range(K) if claims.get(names[k]) in ("exact", "retrained")]
+    relatives = [k for k in range(K) if claims.get(names[k]) == "relative"]
+    listed = claimed + ([] if strict else relatives)
+
+    # non-negative refit (all from the Grams): coefficients of the listed skills' atoms; the remainder is
+    # what the claimed skills leave (a relative claim explains nothing)
     Gt, bt, yt = cal.grams.G.sum(axis=0), dy.sum(axis=0), float(yy.sum())
-    if atoms:
-        coef[atoms] = nnls_gram(Gt[np.ix_(atoms, atoms)], bt[atoms])
-    rss = max(yt - 2 * float(coef @ bt) + float(coef @ Gt @ coef), 0.0)
-    unexplained = rss / yt
+
+    def refit(ks: list[int]) -> tuple[np.ndarray, float]:
+        atoms = sorted(j for k in ks for j in cal.groups[k])
+        c = np.zeros(m_atoms)
+        if atoms:
+            c[atoms] = nnls_gram(Gt[np.ix_(atoms, atoms)], bt[atoms])
+        return c, max(yt - 2 * float(c @ bt) + float(c @ Gt @ c), 0.0) / yt
+
+    coef, _ = refit(listed)
+    _, unexplained = refit(claimed)
+    support = np.zeros(m_atoms, dtype=bool)
+    for k in listed:
+        support[cal.groups[k]] = True
 
     notes: list[str] = []
     rem_p = None
-    ood = not sig if ood_null == "own" else not any(q_glob[k] <= alpha for k in range(K))
-    if ood and sig:
-        notes.append("no skill carries more evidence than an unknown close relative could produce; candidates: "
-                     + ", ".join(f"{names[k]} (q={q[k]:.2g})" for k in sig))
-        if strict:
-            sig, coef = [], np.zeros(m_atoms)
-            unexplained = 1.0
-    if ood:
+    if not claimed:
         verdict = "not-explained"
-        close = [names[k] for k in np.argsort(p)[:2] if p[k] <= 0.5]
+        if relatives:
+            notes.append("no skill is claimed as this exact adapter or another training of it; the evidence of "
+                         + ", ".join(f"{names[k]} (q={q[k]:.2g})" for k in relatives)
+                         + " is within what a close relative of it could produce, so the dictionary cannot tell "
+                         "the skill from such a relative (claim \"relative\")")
+        close = [names[k] for k in np.argsort(p)[:2] if p[k] <= 0.5 and k not in relatives]
         if close:
             notes.append("closest skills (not significant): " + ", ".join(
-                f"{s} (p={p[names.index(s)]:.2g})" for s in close))
+                f"{s2} (p={p[names.index(s2)]:.2g})" for s2 in close))
     else:
-        absent = [k for k in range(K) if k not in sig]
+        absent = [k for k in range(K) if k not in claimed and k not in relatives]
+        partly = False
+        if relatives:
+            partly = True
+            notes.append("the target holds " + ", ".join(f"{names[k]} or a close relative of it" for k in relatives)
+                         + ": a remainder the claimed skills do not explain")
         if unexplained <= _EXACT:
-            partly = False      # nothing left to explain (exact fit up to round-off): the test would read noise
+            pass        # nothing left to explain (exact fit up to round-off): the tests would read noise
         elif absent:
             b = R[:, absent].mean(axis=1)
             sd = b.std(ddof=1)
             if sd > 0:
-                rem_p = float(_scipy_stats().t.sf(b.mean() / (sd / np.sqrt(U)), U - 1))
+                rem_p = float(2 * stats.t.sf(abs(b.mean()) / (sd / np.sqrt(U)), U - 1))
             else:
-                rem_p = 0.0 if b.mean() > 0 else 1.0
-            partly = rem_p <= alpha
+                rem_p = 0.0 if b.mean() != 0 else 1.0
+            if rem_p <= alpha:
+                partly = True
+            negative = [k for k in absent
+                        if stats.t.sf((-ms[k] - delta[k]) / se[k], U - 1) * len(absent) <= alpha]
+            if negative:
+                partly = True
+                notes.append("the target holds " + ", ".join(names[k] for k in negative) + " with a negative sign "
+                             "(subtracted): a change the non-negative attribution does not explain")
         else:
-            partly = False
-            notes.append("every dictionary skill is significant: the remainder test has no absent skill to use")
-        if not partly and unexplained > max_unexplained:
+            notes.append("every dictionary skill is claimed: the remainder test has no absent skill to use")
+        if unexplained > max_unexplained:
             partly = True
             notes.append(f"{unexplained:.0%} of the target's energy on the mask is not explained by the skills "
-                         f"found (more than max_unexplained = {max_unexplained:.0%}): it holds a change outside "
+                         f"claimed (more than max_unexplained = {max_unexplained:.0%}): it holds a change outside "
                          "the dictionary, other trainings of the skills found, or the noise of a merge that drops "
                          "most entries (DARE or TIES at a low density); the dictionary cannot tell which")
         verdict = "partly-explained" if partly else "explained"
-        for k in sig:
-            if q_glob[k] > alpha:
-                notes.append(f"{names[k]}: its evidence (mean partial correlation {ms[k]:.3f}) is within what an "
-                             f"unknown task as close to {names[k]} as the closest pair of dictionary skills "
-                             f"(δ_global={cal.delta_global:.3f}) would produce; the dictionary cannot tell "
-                             f"{names[k]} from such a relative")
-                continue
-            pe = exactness_pvalue(cal, cy, yy, k)
-            if pe is None or pe <= alpha:
-                why = ("the skill is a centroid of several trainings" if pe is None
-                       else f"its coefficient varies between units, heterogeneity p={pe:.2g}")
-                notes.append(f"{names[k]}: not an exact copy of the dictionary's {names[k]} ({why}); a differently "
-                             f"trained {names[k]}, a close relative of it (a variant of the task) or a non-linear "
-                             f"merge (TIES/DARE) of it give this evidence; the dictionary cannot tell them apart")
-        for a, b2 in itertools.combinations(sig, 2):
+        for k in claimed:
+            if claims[names[k]] == "retrained":
+                notes.append(f"{names[k]}: not an exact copy of the dictionary's {names[k]} (its coefficient is not "
+                             f"the same across units); another training of {names[k]}, or a non-linear merge "
+                             f"(TIES/DARE) of it (claim \"retrained\")")
+        for a, b2 in itertools.combinations(claimed, 2):
             ra, rb = cal.relation[a, b2], cal.relation[b2, a]
             if (np.isfinite(ra) and ra >= cal.delta[a]) or (np.isfinite(rb) and rb >= cal.delta[b2]):
                 notes.append(f"{names[a]} and {names[b2]} are each other's closest relatives in the dictionary; "
                              f"their split may be confounded")
+    # decisions that a small change of the inputs could flip: said out loud
+    near = [f"{names[k]} (q={q[k]:.2g})" for k in range(K) if alpha / 2 < q[k] <= 2 * alpha]
+    near += [f"{names[k]} against its relative bound (q={q_rel[k]:.2g})" for k in range(K)
+             if q[k] <= alpha and alpha / 2 < q_rel[k] <= 2 * alpha and claims.get(names[k]) != "exact"]
+    if rem_p is not None and alpha / 2 < rem_p <= 2 * alpha:
+        near.append(f"the remainder test (p={rem_p:.2g})")
+    if near:
+        notes.append(f"within a factor 2 of alpha = {alpha:g}: " + ", ".join(near)
+                     + "; another mask or a little noise may decide these the other way")
     return Decision(
-        coefficients=coef, support=coef > 0, skills=[names[k] for k in sig],
+        coefficients=coef, support=support, skills=[names[k] for k in claimed],
         statistic=dict(zip(names, map(float, ms))), t=dict(zip(names, map(float, t))),
         p=dict(zip(names, map(float, p))), q=dict(zip(names, map(float, q))),
         p_global=dict(zip(names, map(float, p_glob))), verdict=verdict,
-        remainder_share=unexplained if verdict == "partly-explained" else 0.0,
-        unexplained_share=unexplained, remainder_p=rem_p, notes=notes, null=_describe(cal, ood_null))
+        remainder_share=unexplained, unexplained_share=unexplained, remainder_p=rem_p, notes=notes,
+        null=_describe(cal, relative_null), claims=claims, p_relative=dict(zip(names, map(float, p_rel))),
+        exact={"kept": [int(j) for j in evidence.kept],
+               "unique_energy": {int(j): v for j, v in evidence.unique_energy.items()},
+               "consistency": {int(j): v for j, v in evidence.consistency.items()},
+               "kappa": [float(x) for x in kappa]})
 
 
-def _describe(cal: Calibration, ood_null: str = "global") -> str:
+def _describe(cal: Calibration, relative_null: str = "global") -> str:
+    rel = cal.delta_relative if cal.delta_relative is not None else cal.delta
     return (f"{cal.null}; U={cal.U} units; {cal.n_pseudo} pseudo-targets (up to {cal.max_removed} skills removed); "
             f"delta_s in [{cal.delta.min():.3f}, {cal.delta.max():.3f}], delta_global={cal.delta_global:.3f}; "
-            f"out-of-dictionary verdict against {'delta_global' if ood_null == 'global' else 'delta_s'}")
+            f"retrained claims against the '{relative_null}' relative bound"
+            + (f" (in [{rel.min():.3f}, {rel.max():.3f}])" if relative_null == "pair" and len(rel) else ""))
