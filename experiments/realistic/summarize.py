@@ -2,8 +2,10 @@
 
 Reads ``runs/realistic-*/per_target.json`` and prints, per scenario × decomposer × group: mean precision,
 recall and rank AUC, the verdict rates (not-explained = flagged out of the dictionary) and, per
-scenario × decomposer, the empirical false-discovery rate (attributed skills that are not constituents,
-over all attributed skills) and the recall of full fine-tune constituents. Usage:
+scenario × decomposer, the empirical false-discovery rate (claimed skills that are not constituents,
+over all claimed skills; a claim is every attributed atom except claim "relative") and the recall of full
+fine-tune constituents; then the budget sweep: per decomposer, the share of targets whose claimed
+skills and verdict are the same at every budget. Usage:
 
     .venv/bin/python experiments/realistic/summarize.py [runs]
 """
@@ -15,7 +17,9 @@ import sys
 from pathlib import Path
 
 SCENARIOS = ("realistic-retrained", "realistic-hparams", "realistic-full-finetune", "realistic-relatives",
-             "realistic-retrained-g2", "realistic-retrained-g3")
+             "realistic-retrained-g2", "realistic-retrained-g3", "realistic-related-dictionary")
+BUDGETS = (2048, 4096, 8192, 16384)
+"""The budget sweep's runs, ``realistic-budget-<budget>`` (the retrained targets on four mask sizes)."""
 
 
 def mean(values: list[float | None]) -> str:
@@ -64,6 +68,34 @@ def main(root: Path) -> None:
                   f"{flags} | {fdr} | {ft} |")
 
 
+def budget_stability(root: Path) -> None:
+    """Targets whose claimed skills and verdict do not change across the budget sweep's mask sizes."""
+    runs = {}
+    for budget in BUDGETS:
+        path = root / f"realistic-budget-{budget}" / "per_target.json"
+        if path.is_file():
+            runs[budget] = json.loads(path.read_text())
+    if len(runs) < 2:
+        return
+    print(f"\n| decomposer | same claims and verdict at budgets {', '.join(f'{b:,}' for b in runs)} | "
+          "same claims | same verdict |")
+    print("|---|---|---|---|")
+    first = next(iter(runs.values()))
+    skills = [a.split("@")[0] for a in first["atom_names"]]
+    for decomposer in dict.fromkeys(r["decomposer"] for r in first["rows"]):
+        answers: dict[str, list[tuple[frozenset[str], str | None]]] = {}
+        for data in runs.values():
+            for r in data["rows"]:
+                if r["decomposer"] == decomposer:
+                    answers.setdefault(r["target_id"], []).append(
+                        (frozenset(_chosen(r, skills)), r["info"].get("verdict")))
+        full = [a for a in answers.values() if len(a) == len(runs)]
+        both = sum(len(set(a)) == 1 for a in full)
+        claims = sum(len({c for c, _ in a}) == 1 for a in full)
+        verdicts = sum(len({v for _, v in a}) == 1 for a in full)
+        print(f"| `{decomposer}` | {both}/{len(full)} | {claims}/{len(full)} | {verdicts}/{len(full)} |")
+
+
 def _chosen(row: dict, skills: list[str]) -> set[str]:
     """The skills the row claims: every attributed atom except those with claim "relative" (the skill or a
     close relative of it, not a claim of the skill)."""
@@ -77,4 +109,6 @@ def _chosen(row: dict, skills: list[str]) -> set[str]:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs"))
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs")
+    main(root)
+    budget_stability(root)

@@ -147,3 +147,47 @@ def test_a_constituent_variant_with_other_module_shapes_is_one_line_naming_the_a
     assert message.startswith("adapter alpha@other (") and "\n" not in message, message
     assert "module 'layers.0.q' has shape (24, 16), but the mask (made from the dictionary adapters) has (24, 32)" \
         in message
+
+
+# --------------------------------------------------------------------------------------------------
+# experiments/realistic/summarize.py: claims, not supports; the budget sweep (issue 22)
+# --------------------------------------------------------------------------------------------------
+
+
+def summarize_module():
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("summarize", REPO / "experiments/realistic/summarize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_scenarios_count_every_attributed_atom_except_relatives_as_claims() -> None:
+    chosen = summarize_module()._chosen
+    row = {"support": [True, True, True, False], "coefficients": [1, 1, 1, 0],
+           "claims": ["exact", "retrained", "relative", None]}
+    assert chosen(row, ["a", "b", "c", "d"]) == {"a", "b"}
+    assert chosen({**row, "claims": None}, ["a", "b", "c", "d"]) == {"a", "b", "c"}  # no levels: every atom
+
+
+def test_the_budget_sweep_counts_targets_whose_claims_and_verdict_do_not_move(tmp_path, capsys) -> None:
+    module = summarize_module()
+
+    def write(budget, claims_t2, verdict_t3):
+        rows = [{"decomposer": "skill-fdr", "target_id": t, "support": None, "coefficients": [0, 0],
+                 "claims": c, "info": {"verdict": v}}
+                for t, c, v in (("t1", ["exact", None], "explained"), ("t2", claims_t2, "explained"),
+                                ("t3", ["exact", None], verdict_t3))]
+        path = tmp_path / f"realistic-budget-{budget}" / "per_target.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"atom_names": ["a", "b"], "rows": rows}))
+
+    write(2048, ["exact", "relative"], "explained")
+    write(4096, ["exact", None], "explained")           # a relative is no claim: t2 unchanged
+    write(8192, ["exact", "retrained"], "partly-explained")  # t2's claims and t3's verdict move
+    module.budget_stability(tmp_path)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == "| `skill-fdr` | 1/3 | 2/3 | 2/3 |"
