@@ -164,11 +164,15 @@ class GenerationSet:
                 self._batches.append(_GenBatch(task, rows, [encoded[j] for j in rows]))
         self.generated = 0  # prompts decoded so far (for timing)
 
-    def answers(self, model: Any, device: torch.device | str = "cpu") -> dict[str, list[str]]:
-        """Each skill's greedy answers, in the order of its examples."""
+    def answers(self, model: Any, device: torch.device | str = "cpu",
+                tasks: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """Each skill's greedy answers, in the order of its examples (only ``tasks`` when given)."""
         eos = eos_ids(model, self.tokenizer)
-        out: dict[str, list[str]] = {t: [""] * len(self.examples[t]) for t in self.tasks}
+        wanted = self.tasks if tasks is None else [t for t in self.tasks if t in set(tasks)]
+        out: dict[str, list[str]] = {t: [""] * len(self.examples[t]) for t in wanted}
         for batch in self._batches:
+            if batch.task not in out:
+                continue
             new = greedy_generate(model, batch.prompts, self.budget[batch.task], eos, self.pad_id, device)
             for j, ids in zip(batch.rows, new):
                 out[batch.task][j] = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -177,9 +181,16 @@ class GenerationSet:
 
     def accepted(self, model: Any, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
         """Per skill, whether its checker accepts each greedy answer (a boolean array)."""
-        answers = self.answers(model, device)
-        return {t: np.array([bool(self.checkers[t](ex, a)) for ex, a in zip(self.examples[t], answers[t])], dtype=bool)
-                for t in self.tasks}
+        return {t: judged[0] for t, judged in self.judged(model, device).items()}
+
+    def judged(self, model: Any, device: torch.device | str = "cpu",
+               tasks: Sequence[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per skill (only ``tasks`` when given): whether its checker accepts each greedy answer, and whether
+        the answer is the reference response exactly (surrounding whitespace aside); boolean arrays."""
+        answers = self.answers(model, device, tasks)
+        return {t: (np.array([bool(self.checkers[t](ex, a)) for ex, a in zip(self.examples[t], got)], dtype=bool),
+                    np.array([exact_match(ex, a) for ex, a in zip(self.examples[t], got)], dtype=bool))
+                for t, got in answers.items()}
 
 
 __all__ = ["Checker", "CheckerLookup", "GenerationSet", "eos_ids", "exact_match", "greedy_generate", "registry_checker_for",

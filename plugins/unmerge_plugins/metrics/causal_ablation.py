@@ -21,7 +21,9 @@ the tokenizer has one) are answered by greedy decoding and judged by the skill's
 confirmed when the skill's checker score drops by at least ``min_drop``, an exact one-sided McNemar test
 over the prompts that flipped says the drop is real (``p < alpha``), and every other skill's score holds
 (drops by at most ``hold_tolerance``). ``score = "checker"`` with a skill that has no checker is an error
-naming those skills; ``auto`` then falls back to ``loss``.
+naming those skills; ``auto`` then falls back to ``loss``. Nothing is teacher-forced then (exact match is
+read from the greedy answers), and after an edit only the edit's own skill and the skills the target does
+(checker score above 0 before the edit) are answered again: a skill at 0 cannot drop.
 
 Controls, on the same target and model:
 
@@ -38,6 +40,7 @@ Only ``targets_per_cell`` targets per (group, merge method) cell are verified �
 the cell in the run's target order (``RunContext.targets``), so every decomposer is judged on the
 same targets whatever order the metric is called in (a resumed run included); the other targets get
 ``None``.
+``decomposers`` limits verification to some decomposers' attributions (each costs its own edits).
 Evaluations are cached per (target, edit, quantised coefficient): decomposers that agree cost nothing
 more. Per-target details go to ``<run_dir>/causal/<decomposer>/<target_id>.json`` and every edit to
 ``<run_dir>/causal/edits.csv``.
@@ -92,6 +95,8 @@ class CausalParams(PluginParams):
     """Sampling, evaluation and decision parameters of ``causal-ablation``."""
 
     targets_per_cell: int = Field(1, ge=0, description="targets verified per (group, merge method) cell")
+    decomposers: list[str] | None = Field(None, min_length=1, description="verify only these decomposers' "
+                                          "attributions (None: every decomposer's); the others get None")
     max_targets: int | None = Field(None, ge=0, description="cap on the total number of verified targets")
     examples_per_task: int = Field(64, ge=4, le=1000, description="held-out examples scored per task")
     scope: Literal["full", "mask"] = Field("full", description="remove cᵢ·τᵢ over every adapted weight or "
@@ -279,9 +284,10 @@ def write_edits_csv(root: Path) -> None:
 class SkillScores:
     """Per-example scores of one skill on one model: ``loss`` and ``correct`` (teacher-forced, every
     held-out example) and ``accepted`` (the checker on greedy answers to the first ``max_prompts``
-    prompts; None unless the checker score is used)."""
+    prompts; None unless the checker score is used). Under the checker score nothing is teacher-forced:
+    ``loss`` is None and ``correct`` is whether each greedy answer is the reference exactly."""
 
-    loss: np.ndarray
+    loss: np.ndarray | None
     correct: np.ndarray
     accepted: np.ndarray | None = None
 
@@ -290,6 +296,7 @@ class SkillScores:
         if score == "checker":
             assert self.accepted is not None
             return 1.0 - self.accepted.astype(np.float64)
+        assert self.loss is not None, "no teacher-forced loss under the checker score"
         return TaskScores(self.loss, self.correct).values(score)
 
 
@@ -297,7 +304,7 @@ class SkillScores:
 class EditEffect:
     """Changes of every task's scores caused by one edit of one target (cached)."""
 
-    loss_delta: dict[str, float]
+    loss_delta: dict[str, float] | None  # None under the checker score (nothing teacher-forced)
     em_delta: dict[str, float]
     own_diffs: np.ndarray
     norm: float
@@ -329,8 +336,8 @@ class CausalAblation:
         self._model: Any = None
         self._editor: WeightEditor | None = None
         self._heldout: HeldoutSet | None = None
-        self._base_scores: dict[str, TaskScores] | None = None
-        self._before: dict[str, dict[str, TaskScores]] = {}
+        self._base_scores: dict[str, SkillScores] | None = None
+        self._before: dict[str, dict[str, SkillScores]] = {}
         self._effects: dict[tuple[Any, ...], EditEffect] = {}
         self._adapters: dict[str, LoraAdapter] = {}
         self._norms: dict[str, float] = {}
@@ -353,6 +360,8 @@ class CausalAblation:
     def compute(self, evaluation: TargetEvaluation) -> Mapping[str, MetricValue]:
         out: dict[str, MetricValue] = dict.fromkeys(COLUMNS)
         if evaluation.context is None or evaluation.merge_job is None or not self.is_sampled(evaluation):
+            return out
+        if self.params.decomposers is not None and evaluation.decomposer not in self.params.decomposers:
             return out
         with torch_threads(self.params.threads or torch.get_num_threads()):
             return self._verify(evaluation, out)
@@ -405,6 +414,7 @@ class CausalAblation:
             assert effect.checker_drop is not None
             return effect.checker_drop
         if self._score == "loss":
+            assert effect.loss_delta is not None
             return effect.loss_delta
         return {t: -v for t, v in effect.em_delta.items()}  # rise of the exact-match error
 
@@ -441,7 +451,7 @@ class CausalAblation:
             "own_before": own_before, "own_gain_over_base": own_base - own_before,
             "own_delta": j.own_delta, "others_delta": j.others_delta, "others_max_delta": j.others_max,
             "effect": j.effect, "effect_size": j.effect_size, "p_value": j.p_value, "p_below": j.p_below,
-            "verdict": j.verdict, "score": self._score, "own_loss_delta": effect.loss_delta[edit.task],
+            "verdict": j.verdict, "score": self._score, "own_loss_delta": None if effect.loss_delta is None else effect.loss_delta[edit.task],
             "own_exact_match_delta": effect.em_delta[edit.task],
         }
         if self._score == "checker":
@@ -462,7 +472,8 @@ class CausalAblation:
             "true_tasks": list(ev.true_tasks), "true_weights": list(ev.true_weights),
             "coefficients": dict(zip(ev.atom_names, coef)),
             "params": self.params.model_dump(mode="json"),
-            "target_scores": {t: {"loss": float(s.loss.mean()), "exact_match": float(s.correct.mean()),
+            "target_scores": {t: {"loss": None if s.loss is None else float(s.loss.mean()),
+                                  "exact_match": float(s.correct.mean()),
                                   **({} if s.accepted is None else {"checker": float(s.accepted.mean())})}
                               for t, s in before.items()},
             "edits": rows,
@@ -521,12 +532,20 @@ class CausalAblation:
         self._score = "loss" if missing else "checker"
         return {} if missing else {name: c for name, c in found.items() if c is not None}
 
-    def _evaluate(self) -> dict[str, SkillScores]:
+    def _evaluate(self, tasks: Sequence[str] | None = None) -> dict[str, SkillScores]:
+        """Every skill's scores on the model as it is now (only ``tasks`` when given, checker score only).
+
+        Under the checker score nothing is teacher-forced (the verdict reads the checker only, and a
+        teacher-forced pass over ``examples_per_task`` examples of every skill costs several times the
+        greedy answers on a real model): exact match is read from the greedy answers instead."""
         assert self._heldout is not None and self._device is not None
         self.evaluations += 1
+        if self._generation is not None:
+            judged = self._generation.judged(self._model, self._device, tasks)
+            return {t: SkillScores(None, exact, accepted) for t, (accepted, exact) in judged.items()}
+        assert tasks is None
         scores = self._heldout.evaluate(self._model, self._device)
-        accepted = self._generation.accepted(self._model, self._device) if self._generation is not None else {}
-        return {t: SkillScores(s.loss, s.correct, accepted.get(t)) for t, s in scores.items()}
+        return {t: SkillScores(s.loss, s.correct) for t, s in scores.items()}
 
     def _set_target(self, ev: TargetEvaluation) -> None:
         """Put ``θ_base + ΔW_T`` into the model; ΔW_T comes from the run, module by module."""
@@ -618,9 +637,15 @@ class CausalAblation:
             scale = 1.0
         norm = abs(scale) * math.sqrt(sum(float(d.square().sum()) for d in direction.values()))
         self._set_target(ev)
+        # Under the checker score a skill the target does not do (checker score 0 before the edit) cannot
+        # drop: it is not answered again (its scores stay as before); the edit's own skill always is.
+        wanted = None if self._generation is None else [
+            t for t, s in before.items() if t == edit.task or (s.accepted is not None and s.accepted.any())]
         with self._editor.edit(direction, scale):
-            after = self._evaluate()
-        loss_delta = {t: float((after[t].loss - before[t].loss).mean()) for t in after}
+            answered = self._evaluate(wanted)
+        after = {t: answered.get(t, s) for t, s in before.items()}
+        loss_delta = None if self._generation is not None else {
+            t: float((after[t].loss - before[t].loss).mean()) for t in after}  # type: ignore[operator]
         em_delta = {t: float((after[t].correct.astype(float) - before[t].correct.astype(float)).mean())
                     for t in after}
         own = after[edit.task].values(self._score) - before[edit.task].values(self._score)

@@ -489,6 +489,53 @@ def test_a_null_control_does_not_confirm_under_the_checker(chat_adapters, tmp_pa
     assert out["causal_null_confirmed"] == 0.0
 
 
+def test_checker_score_answers_only_what_can_drop_and_forces_no_teacher(chat_adapters, tmp_path, monkeypatch) -> None:
+    """Before: every edit ran a teacher-forced pass over examples_per_task examples of every skill and
+    answered every skill's prompts again (on SmolLM2 one evaluation of 12 skills took over 12 minutes).
+    Now nothing is teacher-forced and an edit re-answers its own skill and the skills the target does."""
+    from unmerge_plugins.lib import generation
+    from unmerge_plugins.lib import lm
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("teacher-forced evaluation under the checker score")
+
+    monkeypatch.setattr(lm.HeldoutSet, "evaluate", no_teacher)
+    asked: list[tuple[str, ...]] = []
+    answers = generation.GenerationSet.answers
+
+    def recording(self, model, device="cpu", tasks=None):  # type: ignore[no-untyped-def]
+        got = answers(self, model, device, tasks)
+        asked.append(tuple(got))
+        return got
+
+    monkeypatch.setattr(generation.GenerationSet, "answers", recording)
+    ctx = chat_context(chat_adapters, tmp_path)
+    never = lambda task: (lambda ex, a: False) if task.name == "uppercase" else stand_in_checkers(task)  # noqa: E731
+    metric = CausalAblation(CausalParams(**CHECKER, random_control=False), checker_for=never)
+    out = metric.compute(chat_evaluation(ctx, [1.0, 0.5, 0.0]))
+    assert out["causal_verdict[pirate-dialect]"] == 1.0 and out["causal_null_confirmed"] == 0.0
+    target = json.loads((tmp_path / "causal" / "exact" / "known-linear-00.json").read_text())
+    doing = {t for t, s in target["target_scores"].items() if s["checker"] > 0}
+    assert asked[0] == CHAT and asked[1] == CHAT  # the base model, then the target: every skill
+    for edit, skills in zip(target["edits"], asked[2:], strict=True):
+        assert set(skills) == doing | {edit["atom"]}, (edit["kind"], edit["atom"], skills)
+        assert edit["own_loss_delta"] is None
+    assert doing == {"pirate-dialect", "json-compact"}  # uppercase (never accepted) is answered for its own edit only
+    assert [len(skills) for skills in asked[2:]] == [2, 2, 3]  # pirate, json-compact, the null control uppercase
+    assert target["target_scores"]["pirate-dialect"]["loss"] is None
+
+
+def test_decomposers_limits_verification(chat_adapters, tmp_path) -> None:
+    ctx = chat_context(chat_adapters, tmp_path)
+    metric = CausalAblation(CausalParams(**CHECKER, random_control=False, null_atoms=0, decomposers=["a"]),
+                            checker_for=stand_in_checkers)
+    assert set(metric.compute(chat_evaluation(ctx, [1.0, 0.5, 0.0], decomposer="b")).values()) == {None}
+    assert metric.evaluations == 0  # nothing loaded for a decomposer that is not verified
+    assert metric.compute(chat_evaluation(ctx, [1.0, 0.5, 0.0], decomposer="a"))["causal_confirmed"] is not None
+    with pytest.raises(ValueError):
+        CausalParams(decomposers=[])
+
+
 def test_checker_score_without_checkers_is_one_line_naming_the_skills(chat_adapters, tmp_path) -> None:
     from unmerge_core.errors import UnmergeError
 
