@@ -69,7 +69,7 @@ def main() -> int:
     print(f"wrote {recipe}")
     merged = OUT / "merged"
     run([str(BIN / "mergekit-yaml"), str(recipe), str(merged), "--device", "cpu", "--random-seed", "42",
-         "--quiet", "--allow-crimes"])
+         "--quiet", "--allow-crimes", "--lora-merge-cache", str(OUT / "lora-merge-cache")])
     run([str(BIN / "unmerge"), "attribute", str(merged), "--base", str(BASE_GGUF), "--dictionary", str(dictionary),
          "--truth", str(recipe), "--name", "worked-example"])
     return 0
