@@ -56,10 +56,10 @@ def main() -> int:
     known = load_manifest(ROOT / "experiments" / "smollm2.toml").file.tasks.known
     base = model_source(BASE_GGUF)  # the dequantized checkpoint folder mergekit reads (converted once)
     # adapters by skill name (the store names them by hash): the recipe's references and the dictionary
-    linked = {task: link_to(OUT / "adapters" / task, adapters[task]) for task in MERGE}
+    linked = {task: link_to(OUT / "adapters" / task, str((ROOT / adapters[task]).resolve())) for task in MERGE}
     dictionary = OUT / "dictionary"
     for task in known:
-        link_to(dictionary / task, adapters[task])
+        link_to(dictionary / task, str((ROOT / adapters[task]).resolve()))
     lines = ["# mergekit recipe of the worked example (written by experiments/worked_example.py)",
              "merge_method: task_arithmetic", f"base_model: {base}", "dtype: float32", "models:"]
     for task, weight in MERGE.items():
