@@ -31,6 +31,7 @@ import numpy as np
 from pydantic import Field
 
 from unmerge_core import Decomposition, DecompositionProblem, PluginParams, PluginSpec, Stage
+from unmerge_plugins.lib.claims import eliminate
 from unmerge_plugins.lib.gram import nnls_gram, nnls_gram_rss
 
 
@@ -57,24 +58,13 @@ class NnlsSelect:
         if yy == 0:
             return Decomposition(np.zeros(n_atoms), np.zeros_like(y), np.zeros(n_atoms, bool), True,
                                  {"reason": "target is zero"})
-        full = nnls_gram(gram, dty)
-        selected = [i for i in range(n_atoms) if full[i] > 0]
+        dropped: list[tuple[int, float]] = []
+        selected, unique_energy = eliminate(gram, dty, yy, self.params.min_unique_energy, dropped=dropped)
         unique = np.zeros(n_atoms)
-        eliminated: list[dict[str, float | str]] = []
-        while selected:
-            rss, _ = nnls_gram_rss(gram, dty, yy, selected)
-            gains = []
-            for k in range(len(selected)):
-                rest = selected[:k] + selected[k + 1:]
-                gains.append((nnls_gram_rss(gram, dty, yy, rest)[0] - rss) / yy)
-            worst = int(np.argmin(gains))
-            unique[selected] = gains
-            if gains[worst] >= self.params.min_unique_energy:
-                break
-            eliminated.append({"atom": problem.atom_names[selected[worst]], "unique_energy": gains[worst]})
-            unique[selected[worst]] = gains[worst]
-            selected.pop(worst)
-
+        for i, value in unique_energy.items():
+            unique[i] = value
+        eliminated: list[dict[str, float | str]] = [{"atom": problem.atom_names[i], "unique_energy": g}
+                                                    for i, g in dropped]
         consistency = self._consistency(ds, ys, selected, problem)
         if self.params.min_consistency > 0:
             kept = [i for i in selected if consistency.get(i, 0.0) >= self.params.min_consistency]
@@ -91,7 +81,7 @@ class NnlsSelect:
         ood = (not selected) or explained < self.params.min_explained
         info = {
             "explained": explained,
-            "unique_energy": {problem.atom_names[i]: float(unique[i]) for i in range(n_atoms) if full[i] > 0},
+            "unique_energy": {problem.atom_names[i]: float(v) for i, v in sorted(unique_energy.items())},
             "consistency": {problem.atom_names[i]: v for i, v in consistency.items()},
             "confidence": [float(unique[i]) if support[i] else 0.0 for i in range(n_atoms)],
             "eliminated": eliminated,

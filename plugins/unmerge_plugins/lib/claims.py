@@ -54,8 +54,11 @@ class ExactEvidence:
 
 
 def eliminate(G: np.ndarray, b: np.ndarray, yy: float, min_unique_energy: float,
-              candidates: Sequence[int] | None = None) -> tuple[list[int], dict[int, float]]:
-    """NNLS then backward elimination by unique energy (``nnls-select``'s rule) from Gram quantities."""
+              candidates: Sequence[int] | None = None,
+              dropped: list[tuple[int, float]] | None = None) -> tuple[list[int], dict[int, float]]:
+    """NNLS then backward elimination by unique energy (``nnls-select``'s rule) from Gram quantities:
+    the atoms kept and the unique energy of every atom of the NNLS support (its last value). ``dropped``,
+    when given, receives ``(atom, unique energy)`` of each eliminated atom in order."""
     if yy <= 0:
         return [], {}
     cols = list(range(G.shape[0])) if candidates is None else list(candidates)
@@ -76,6 +79,8 @@ def eliminate(G: np.ndarray, b: np.ndarray, yy: float, min_unique_energy: float,
         worst = int(np.argmin(gains))
         if gains[worst] >= min_unique_energy:
             break
+        if dropped is not None:
+            dropped.append((selected[worst], float(gains[worst])))
         selected.pop(worst)
     return selected, unique
 
