@@ -21,7 +21,7 @@ depend on energy (the full rule is in :mod:`unmerge_plugins.lib.skill_test`):
   calibrated on the dictionary (:mod:`unmerge_plugins.lib.claims`).
 - **One decision, a claim level per skill** (``claims``, also in ``info["claims"]``): ``exact`` (this
   adapter), ``retrained`` (this skill, another training: significant against δ_s and against the relative
-  bound, by default δ_global), ``relative`` (this skill or a close relative, cannot tell apart: listed,
+  bound, by default δ_global and never below ``relative_effect``), ``relative`` (this skill or a close relative, cannot tell apart: listed,
   not claimed). The atoms of listed skills are refitted by non-negative least squares.
 - **Verdict derived from the claims** (``info["verdict"]``): ``not-explained`` when nothing is claimed exact
   or retrained; ``partly-explained`` when something is and a remainder shows (a relative listed; the
@@ -63,6 +63,10 @@ class SkillFdrParams(PluginParams):
                               "unknown task as close to the skill as the dictionary's closest skills are to each "
                               "other could produce), 'pair' max(δ_s, the closest single pair of the other skills), "
                               "'own' δ_s alone; below it the claim is 'relative'")
+    relative_effect: float = Field(0.15, ge=0, lt=1, description="floor under the bound a 'retrained' claim must "
+                                   "beat: the mean partial correlation an unknown close relative of a skill is taken "
+                                   "to reach on it (real chat skills on SmolLM2: relatives' task-vector cosines "
+                                   "0.07-0.14, two trainings of one skill 0.29-0.48); 0: the dictionary's bounds only")
     strict: bool = Field(False, description="relative claims are not listed (they go to the notes only)")
     min_unique_energy: float = Field(0.05, ge=0, lt=1, description="exact-copy evidence: the non-negative elimination "
                                      "keeps atoms whose removal loses at least this share of ‖y‖² (nnls-select's rule)")
@@ -105,7 +109,8 @@ class SkillFdr:
         p = self.params
         cal = self.calibration(problem)
         decision = decide(cal, problem.target, p.alpha, relative_null=p.relative_null, strict=p.strict,
-                          min_effect=p.min_effect, max_unexplained=p.max_unexplained)
+                          min_effect=p.min_effect, max_unexplained=p.max_unexplained,
+                          relative_effect=p.relative_effect)
         skill_of = problem.skill_of_atom
         support = np.asarray(decision.support, dtype=bool)
         claims = tuple(decision.claims.get(s) if on else None for s, on in zip(skill_of, support))

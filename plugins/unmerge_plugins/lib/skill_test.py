@@ -40,7 +40,8 @@ bf16 / fp16 rounding of the checkpoint adds independent noise and keeps it.
 
 *Claims* (per skill, the strongest that holds): ``exact`` (an atom of it is an exact copy); ``retrained``
 (BH-significant against δ_s *and* against the relative bound — by default δ_global, what an unknown task
-as close to it as the dictionary's closest skills are to each other could produce); ``relative``
+as close to it as the dictionary's closest skills are to each other could produce, and never below
+``relative_effect``, what a close relative does on a real model); ``relative``
 (significant against δ_s only: the skill or a close relative of it, which the dictionary cannot tell
 apart; listed, never counted as a claim of the skill).
 
@@ -421,7 +422,8 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
 
 def decide(cal: Calibration, y: np.ndarray | None = None, alpha: float = 0.05, *,
            target: tuple[np.ndarray, np.ndarray] | None = None, relative_null: str = "global",
-           strict: bool = False, min_effect: float = 0.02, max_unexplained: float = 1 / 3) -> Decision:
+           strict: bool = False, min_effect: float = 0.02, max_unexplained: float = 1 / 3,
+           relative_effect: float = 0.15) -> Decision:
     """Attribute one target: a claim level per skill, the verdict derived from the claims and the remainder.
 
     Args:
@@ -439,13 +441,19 @@ def decide(cal: Calibration, y: np.ndarray | None = None, alpha: float = 0.05, *
             bound: with noise-free inputs the calibrated bounds shrink to round-off.
         max_unexplained: above this share of the target's energy left unexplained by the claimed skills, the
             verdict is at most ``partly-explained``.
+        relative_effect: a floor under the relative bound: the largest mean partial correlation an unknown close
+            relative of a skill is taken to produce on it whatever the dictionary shows. A dictionary of
+            unrelated skills calibrates its bounds to ~0.05, below what a relative does (on SmolLM2 close
+            relatives — a pirate and a cowboy rewrite, JSON and XML — have task-vector cosines of 0.07–0.14,
+            two trainings of one skill 0.29–0.48; the statistic of a constituent does not exceed its cosine).
 
     Claims (per skill, the strongest that holds):
 
     - ``exact``: one of its atoms is an exact copy (:func:`unmerge_plugins.lib.claims.exact_evidence`:
       kept by the non-negative elimination at the atoms' scale, coefficient consistent across units
       beyond its calibrated bound κ_j);
-    - ``retrained``: significant (BH at α) against its own δ_s *and* against its relative bound;
+    - ``retrained``: significant (BH at α) against its own δ_s *and* against its relative bound (never
+      below ``relative_effect``);
     - ``relative``: significant against δ_s only — the skill or a close relative of it, which the
       dictionary cannot tell apart; listed, not claimed.
 
@@ -472,7 +480,7 @@ def decide(cal: Calibration, y: np.ndarray | None = None, alpha: float = 0.05, *
     delta_global = max(cal.delta_global, min_effect)
     rel = {"own": cal.delta, "global": np.full(K, cal.delta_global),
            "pair": cal.delta_relative if cal.delta_relative is not None else cal.delta}[relative_null]
-    delta_rel = np.maximum(np.maximum(rel, cal.delta), min_effect)
+    delta_rel = np.maximum(np.maximum(rel, cal.delta), max(min_effect, relative_effect))
     t = (ms - delta) / se
     p = stats.t.sf(t, U - 1)
     q = bh_qvalues(p)
@@ -585,16 +593,17 @@ def decide(cal: Calibration, y: np.ndarray | None = None, alpha: float = 0.05, *
         p=dict(zip(names, map(float, p))), q=dict(zip(names, map(float, q))),
         p_global=dict(zip(names, map(float, p_glob))), verdict=verdict,
         remainder_share=unexplained, unexplained_share=unexplained, remainder_p=rem_p, notes=notes,
-        null=_describe(cal, relative_null), claims=claims, p_relative=dict(zip(names, map(float, p_rel))),
+        null=_describe(cal, relative_null, max(min_effect, relative_effect)), claims=claims, p_relative=dict(zip(names, map(float, p_rel))),
         exact={"kept": [int(j) for j in evidence.kept],
                "unique_energy": {int(j): v for j, v in evidence.unique_energy.items()},
                "consistency": {int(j): v for j, v in evidence.consistency.items()},
                "kappa": [float(x) for x in kappa]})
 
 
-def _describe(cal: Calibration, relative_null: str = "global") -> str:
+def _describe(cal: Calibration, relative_null: str = "global", floor: float = 0.0) -> str:
     rel = cal.delta_relative if cal.delta_relative is not None else cal.delta
     return (f"{cal.null}; U={cal.U} units; {cal.n_pseudo} pseudo-targets (up to {cal.max_removed} skills removed); "
             f"delta_s in [{cal.delta.min():.3f}, {cal.delta.max():.3f}], delta_global={cal.delta_global:.3f}; "
             f"retrained claims against the '{relative_null}' relative bound"
-            + (f" (in [{rel.min():.3f}, {rel.max():.3f}])" if relative_null == "pair" and len(rel) else ""))
+            + (f" (in [{rel.min():.3f}, {rel.max():.3f}])" if relative_null == "pair" and len(rel) else "")
+            + (f", never below {floor:.3f}" if floor > 0 else ""))

@@ -370,3 +370,20 @@ def test_the_answer_does_not_depend_on_how_many_coordinates_the_mask_keeps(kept)
     small_groups = {f"m{i}": slice(i * keep, (i + 1) * keep) for i in range(MODULES)}
     small = decompose(d[rows], y[rows], small_groups)
     assert claims_of(small) == claims_of(full) and small.info["verdict"] == full.info["verdict"]
+
+
+def test_a_faint_relative_is_not_claimed_retrained_by_a_dictionary_of_unrelated_skills() -> None:
+    """A dictionary of unrelated skills calibrates its bounds near 0.05; an unknown relative of ``a`` sharing
+    0.05–0.2 of its direction per module (real relatives: cosines 0.07–0.14) made ``a`` 'retrained' (on
+    SmolLM2, in 26 of 36 merges that held only such a relative). The floor ``relative_effect`` keeps it at
+    'relative'; a retraining (0.15–0.75 of the direction kept) is still claimed."""
+    d, retrained, _, groups = world(0, shared=0.0)
+    rng = np.random.default_rng(3)
+    share = np.repeat(rng.uniform(0.05, 0.2, size=MODULES), PER_MODULE)
+    relative = share * d[:, 0] + np.sqrt(1 - share**2) * rng.normal(size=d.shape[0])
+    y = 0.5 * d[:, 1] + 0.5 * relative
+    assert claims_of(decompose(d, y, groups, relative_effect=0.0)) == {"a": "retrained", "b": "exact"}
+    result = decompose(d, y, groups)
+    assert claims_of(result) == {"a": "relative", "b": "exact"} and result.info["verdict"] == "partly-explained"
+    assert "never below 0.150" in result.info["null"]
+    assert claims_of(decompose(d, 0.5 * d[:, 1] + 0.5 * retrained[:, 0], groups))["a"] == "retrained"
