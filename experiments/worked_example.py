@@ -16,22 +16,28 @@ the YAML and the command lines it prints can be copied and run by hand:
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-RUN = ROOT / "runs" / "smollm2"
+RUN = ROOT / "runs" / "smollm2"          # `make real`'s run (another: python experiments/worked_example.py RUN_DIR)
 OUT = ROOT / "runs" / "worked-example"
 BASE_GGUF = ROOT / ".real" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MERGE = {"chat-json-person": 0.6, "chat-pirate": 0.4, "chat-formal": 0.5}  # the last one is not a known skill
 
 
+QUIET = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+"""mergekit's transformers progress bars and deprecation warnings, kept out of the example's output."""
+
+
 def run(command: list[str]) -> None:
     print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
-    done = subprocess.run(command)
+    done = subprocess.run(command, env={**os.environ, **QUIET})
     if done.returncode != 0:
         raise SystemExit(done.returncode)
 
@@ -44,11 +50,22 @@ def link_to(link: Path, target: str) -> Path:
     return link
 
 
-def main() -> int:
+def clear_unfinished(cache: Path) -> None:
+    """mergekit creates a LoRA-merge cache folder before it writes the merged model into it, and on the next
+    run takes any existing folder for a finished one ("Unable to find model files at ..."): a folder left
+    without weights by an interrupted merge is removed so that mergekit merges that adapter again."""
+    if cache.is_dir():
+        for entry in cache.iterdir():
+            if entry.is_dir() and not any(entry.glob("*.safetensors")):
+                shutil.rmtree(entry)
+
+
+def main(argv: list[str]) -> int:
     from unmerge_core.config.manifest import load_manifest
     from unmerge_core.io.gguf import model_source
 
-    adapters_file = RUN / "adapters.json"
+    run_dir = Path(argv[0]).resolve() if argv else RUN
+    adapters_file = run_dir / "adapters.json"
     if not adapters_file.is_file() or not BASE_GGUF.is_file():
         print("error: the worked example merges the adapters `make real` trains; run `make real` first", file=sys.stderr)
         return 2
@@ -68,6 +85,7 @@ def main() -> int:
     recipe.write_text("\n".join(lines) + "\n")
     print(f"wrote {recipe}")
     merged = OUT / "merged"
+    clear_unfinished(OUT / "lora-merge-cache")
     run([str(BIN / "mergekit-yaml"), str(recipe), str(merged), "--device", "cpu", "--random-seed", "42",
          "--quiet", "--allow-crimes", "--lora-merge-cache", str(OUT / "lora-merge-cache")])
     run([str(BIN / "unmerge"), "attribute", str(merged), "--base", str(BASE_GGUF), "--dictionary", str(dictionary),
@@ -76,4 +94,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
