@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MANIFEST ?= experiments/quickstart.toml
 REAL_GGUF := .real/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run test test-slow test-real real real-model example fuzz scenarios merge-methods bench bench-scaling clean
+.PHONY: install run test test-slow test-real real real-model example fuzz scenarios merge-methods bench bench-real bench-scaling clean
 
 install: $(STAMP)
 
@@ -63,6 +63,10 @@ example: install $(REAL_GGUF)
 # The tests that need the real model (GGUF reading of the real file, chat skills learned on it).
 test-real: install $(REAL_GGUF)
 	$(BIN)/python -m pytest -m real -q
+
+# LoRA training throughput on the real model, float32 against bf16 autocast (~2 minutes; bench-results/)
+bench-real: install $(REAL_GGUF)
+	$(BIN)/python benchmarks/real_training.py
 
 # Paper scale on this machine (~25 minutes; not part of `make test`): the 7B-shaped run end to end,
 # its floor, the fast merge path against mergekit's dense route, `unmerge attribute` on a 7B-shaped
