@@ -20,7 +20,9 @@ the tokenizer has one) are answered by greedy decoding and judged by the skill's
 (``lib/tasks/checkers.py``, :mod:`unmerge_plugins.lib.generation`); the verdict is :func:`judge_checker`:
 confirmed when the skill's checker score drops by at least ``min_drop``, an exact one-sided McNemar test
 over the prompts that flipped says the drop is real (``p < alpha``), and every other skill's score holds
-(drops by at most ``hold_tolerance``). ``score = "checker"`` with a skill that has no checker is an error
+(drops by at most ``hold_tolerance``) — every other skill but the *transferred* ones, which the target does
+better than the base although nothing of theirs is attributed (:func:`transferred_skills`; listed per
+edit in ``others_transferred``, with every other skill that dropped in ``others_dropped``). ``score = "checker"`` with a skill that has no checker is an error
 naming those skills; ``auto`` then falls back to ``loss``. Nothing is teacher-forced then (exact match is
 read from the greedy answers), and after an edit only the edit's own skill and the skills the target does
 (checker score above 0 before the edit) are answered again: a skill at 0 cannot drop.
@@ -228,6 +230,18 @@ def judge_checker(own_diffs: np.ndarray, others: Sequence[float], params: Causal
     return Judgement(drop, others_delta, others_max, effect, effect_size, p_value, p_below, verdict)
 
 
+def transferred_skills(target: Mapping[str, float], base: Mapping[str, float], attributed: set[str],
+                       tolerance: float) -> set[str]:
+    """Skills the target does better than the base model although no component of theirs is attributed
+    (checker scores, by skill): **transferred** behaviour. Real chat LoRAs share a component (answering
+    tersely, in the asked format: on SmolLM2 a merge of a sort and an uppercase adapter answers 75 % of the
+    JSON prompts the base wraps in prose), so removing any constituent can take such a skill down with it.
+    They are left out of "the other skills hold": their drop says the constituents share that component,
+    not that the removal is unspecific (a drop of an attributed skill or of a skill at its base level does)."""
+    return {t for t, score in target.items()
+            if t not in attributed and t in base and score - base[t] > tolerance + 1e-12}
+
+
 def quantise(value: float, digits: int) -> float:
     """``value`` rounded to ``digits`` significant digits (the coefficient actually applied)."""
     return float(f"{value:.{digits}g}") if value else 0.0
@@ -395,13 +409,20 @@ class CausalAblation:
         assert self._heldout is not None
         edits = [e for e in edits if e.task in self._heldout.tasks]  # a skill without task data cannot be judged
         before = self._target_scores(evaluation)
+        transferred: set[str] = set()
+        if self._score == "checker":
+            assert self._base_scores is not None
+            transferred = transferred_skills(
+                {t: float(np.mean(sc.accepted)) for t, sc in before.items() if sc.accepted is not None},
+                {t: float(np.mean(sc.accepted)) for t, sc in self._base_scores.items() if sc.accepted is not None},
+                found, p.hold_tolerance)
         rows = []
         while edits:
             edit = edits.pop(0)
             effect = self._effect(evaluation, edit, before)
-            others = [v for t, v in self._deltas(effect).items() if t != edit.task]
+            others = [v for t, v in self._deltas(effect).items() if t != edit.task and t not in transferred]
             verdict = (judge_checker if self._score == "checker" else judge)(effect.own_diffs, others, p)
-            rows.append(self._row(evaluation, edit, effect, verdict, before))
+            rows.append(self._row(evaluation, edit, effect, verdict, before, transferred))
             if edit.kind == "attributed" and verdict.verdict == "confirmed" and p.random_control:
                 # the control that could falsify a confirmation: a random direction of the same norms
                 edits.insert(0, _Edit("random", edit.atom, edit.coefficient, edit.applied, edit.task))
@@ -440,7 +461,7 @@ class CausalAblation:
         return out
 
     def _row(self, ev: TargetEvaluation, edit: _Edit, effect: EditEffect, j: Judgement,
-             before: dict[str, SkillScores]) -> dict[str, Any]:
+             before: dict[str, SkillScores], transferred: set[str]) -> dict[str, Any]:
         own_before = float(before[edit.task].values(self._score).mean())
         assert self._base_scores is not None
         own_base = float(self._base_scores[edit.task].values(self._score).mean())
@@ -457,9 +478,14 @@ class CausalAblation:
         if self._score == "checker":
             accepted = before[edit.task].accepted
             assert accepted is not None
+            drops = effect.checker_drop or {}
             row.update({"own_checker_before": float(accepted.mean()),
                         "own_checker_after": float(accepted.mean()) - j.own_delta,
-                        "lost": int((effect.own_diffs > 0).sum()), "gained": int((effect.own_diffs < 0).sum())})
+                        "lost": int((effect.own_diffs > 0).sum()), "gained": int((effect.own_diffs < 0).sum()),
+                        "own_transferred": edit.task in transferred,
+                        "others_dropped": ";".join(f"{t}={d:.2f}" for t, d in sorted(drops.items())
+                                                   if t != edit.task and d > 0),
+                        "others_transferred": ";".join(sorted(transferred - {edit.task}))})
         return row
 
     def _write(self, ev: TargetEvaluation, rows: list[dict[str, Any]], before: dict[str, SkillScores]) -> None:
@@ -658,7 +684,7 @@ class CausalAblation:
 
 
 __all__ = ["COLUMNS", "CausalAblation", "CausalParams", "EditEffect", "Judgement", "SkillScores", "judge",
-           "judge_checker", "one_sided_p"]
+           "judge_checker", "one_sided_p", "transferred_skills"]
 
 
 SPEC = PluginSpec("causal-ablation", Stage.METRIC,

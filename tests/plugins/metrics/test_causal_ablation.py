@@ -620,3 +620,22 @@ def test_attribute_verify_defaults_to_checkers_on_an_instruct_base(tmp_path) -> 
     assert not has_chat_template(None) and not has_chat_template(tmp_path / "missing")
     assert _verify_defaults("causal-ablation", 3, tmp_path / "instruct") == {"targets_per_cell": 3, "score": "auto"}
     assert _verify_defaults("causal-ablation", 3, tmp_path / "plain") == {"targets_per_cell": 3}
+
+
+def test_transferred_skills_are_the_unattributed_ones_the_target_does_better_than_the_base() -> None:
+    """On SmolLM2 a merge of sort + uppercase answered 75 % of the JSON prompts (base 0 %): removing
+    uppercase took JSON down with it, and the attribution of uppercase was 'refuted' for a skill nobody
+    merged. Such a transferred skill is left out of "the others hold"; an attributed skill, or one at its
+    base level, still counts."""
+    from unmerge_plugins.metrics.causal_ablation import transferred_skills
+
+    target = {"sort": 0.4, "uppercase": 0.5, "json": 0.75, "markdown": 1.0, "pirate": 0.1}
+    base = {"sort": 0.0, "uppercase": 0.0, "json": 0.0, "markdown": 0.95, "pirate": 0.0}
+    assert transferred_skills(target, base, {"sort", "uppercase"}, 0.15) == {"json"}
+    assert transferred_skills(target, base, {"sort", "uppercase", "json"}, 0.15) == set()
+    assert transferred_skills(target, base, set(), 0.15) == {"sort", "uppercase", "json"}
+    params = CausalParams(score="checker")
+    others_with_json = [0.0, 0.625]          # sort held, json fell
+    own = np.array([1.0] * 8 + [0.0] * 8)    # uppercase: 8 of 16 prompts lost, none gained
+    assert judge_checker(own, others_with_json, params).verdict == "refuted"
+    assert judge_checker(own, others_with_json[:1], params).verdict == "confirmed"
