@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from unmerge_core.io.store import atomic_write_text, dumps_json
-from unmerge_core.report.tables import UNDEFINED, ResultTable, _csv, format_table, per_target_records
+from unmerge_core.report.tables import UNDEFINED, ResultTable, _csv, format_table, glossary, per_target_records
 
 
 def write_results(run_dir: Path, table: ResultTable, title: str | None = None,
@@ -22,6 +22,10 @@ def write_results(run_dir: Path, table: ResultTable, title: str | None = None,
     summary = table.summary()
     title = f"# UNMERGE results: {title}\n\n" if title else "# UNMERGE results\n\n"
     by_group = table.summary(("decomposer", "group"))
+    columns = list(summary[0]) if summary else []
+    words = glossary(columns)
+    if words:
+        title += "## Columns\n\n" + "\n".join(words) + "\n\nEach metric is a mean over the row's targets.\n\n"
     md = (title + "## Per decomposer × group × merge method\n\n" + format_table(summary, "github")
           + "\n\n## Per decomposer × group (all methods)\n\n" + format_table(by_group, "github") + "\n\n"
           + f"`{UNDEFINED}`: the metric is undefined for every target of the cell (for example recall of "

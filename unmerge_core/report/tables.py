@@ -22,6 +22,31 @@ from tabulate import tabulate
 from unmerge_core.types import Decomposition, MergeJob
 
 UNDEFINED = "n/a"
+VERDICTS = ("explained", "partly-explained", "not-explained")
+"""explained: the attributed skills account for the target; partly-explained: known skills found plus a
+remainder the dictionary cannot explain; not-explained: no known skill."""
+DEFAULT_SUPPORT_THRESHOLD = 1e-3
+DEFAULT_OOD_THRESHOLD = 0.5
+
+
+def verdict_of(result: Decomposition, recon_error: float | None, *,
+               support_threshold: float = DEFAULT_SUPPORT_THRESHOLD,
+               ood_threshold: float = DEFAULT_OOD_THRESHOLD) -> tuple[str, str] | None:
+    """``(verdict, rule)`` of a decomposition: the decomposer's ``info["verdict"]`` (one of :data:`VERDICTS`),
+    else from its ``out_of_dictionary``, else the fallback rule ``recon_error > ood_threshold``;
+    ``None`` without any of them. ``not-explained`` when nothing is attributed, ``partly-explained``
+    when something is but the target is not in the dictionary."""
+    if result.info.get("verdict") in VERDICTS:
+        return str(result.info["verdict"]), "decomposer"
+    any_selected = bool(result.selected(support_threshold).any())
+    if result.out_of_dictionary is not None:
+        ood, rule = bool(result.out_of_dictionary), "decomposer"
+    elif recon_error is not None:
+        ood = recon_error > ood_threshold
+        rule = f"fallback: recon_error {'>' if ood else '≤'} {ood_threshold:g}"
+    else:
+        return None
+    return ("explained" if not ood else ("partly-explained" if any_selected else "not-explained")), rule
 
 
 def is_per_atom(column: str) -> bool:
@@ -119,6 +144,48 @@ class ResultTable:
         return out
 
 
+GLOSSARY = {
+    "decomposer": "the decomposition method",
+    "group": "known (all constituents in the dictionary), mixed, unknown (none in it) or external",
+    "method": "the merge method that made the targets",
+    "n": "how many targets the row averages",
+    "precision": "share of the attributed skills that are constituents",
+    "recall": "share of the constituents in the dictionary that are attributed",
+    "f1": "harmonic mean of precision and recall",
+    "perfect_match": "share of targets whose attributed skills are exactly their constituents",
+    "rank_auc": "chance a constituent scores above an absent skill (0.5: chance, 1: perfect)",
+    "sparsity": "number of skills attributed",
+    "recon_error": "share of the target's change the attributed skills leave unexplained (1 − cos²)",
+    "coef_mae": "mean absolute error of the skills' coefficients against the merge weights",
+    "ood_flag": "share of targets the decomposer flags as partly or wholly outside the dictionary",
+    "explained": "share of targets whose verdict is explained (the skills account for it)",
+    "partly_explained": "share of targets with known skills plus a remainder the dictionary leaves",
+    "not_explained": "share of targets in which no dictionary skill is found",
+    "layer_consistency": "share of layers that agree with the attributed skills",
+    "unique_share_min": "smallest share of the target's energy lost by leaving one attributed skill out",
+    "alignment_recon": "semantic alignment of the reconstruction with the target",
+    "alignment_atoms": "semantic alignment of the attributed atoms with the constituents",
+    "category_match": "share of attributed atoms whose category is a constituent's",
+    "causal_confirmed": "share of attributed skills whose removal from the target hurt their task",
+    "causal_refuted": "share of attributed skills whose removal did not hurt their task",
+    "causal_inconclusive": "share of attributed skills whose removal gave no clear answer",
+    "causal_effect": "mean effect on its task of removing an attributed skill",
+    "causal_control": "mean effect of removing a random direction instead (a control)",
+    "causal_null_confirmed": "share of null controls confirmed (absent skills removed): should be 0",
+    "causal_null_effect": "mean effect of removing an absent skill (a null control)",
+    "causal_fn_cost": "mean loss of a constituent's task that the decomposition missed",
+}
+"""One line per known summary column, for the glossary that opens ``summary.md``."""
+
+
+def glossary(columns: Sequence[str]) -> list[str]:
+    """``- `column`: meaning`` for each known column of ``columns``, in their order."""
+    out = [f"- `{c}`: {GLOSSARY[c]}" for c in columns if c in GLOSSARY]
+    if any(c.startswith("recall_") for c in columns):
+        out.append("- `recall_<source>`: recall over the constituents made from one training variant")
+    return out
+
+
 def format_table(records: list[dict[str, Any]], tablefmt: str = "simple") -> str:
     if not records:
         return "(no results)"
@@ -156,6 +223,11 @@ def per_target_records(table: ResultTable) -> list[dict[str, Any]]:
             "true_weights": ";".join(f"{w:.4g}" for w in row.true_weights),
         }
         rec.update({m: row.metrics.get(m) for m in columns})
+        d = row.decomposition
+        chosen = d.selected()
+        rec.setdefault("support", ";".join(a for a, on in zip(table.atom_names, chosen) if on))
+        verdict = verdict_of(d, row.metrics.get("recon_error"))
+        rec.setdefault("verdict", "" if verdict is None else verdict[0])
         rec.update({f"coef[{a}]": c for a, c in zip(table.atom_names, row.coefficients)})
         records.append(rec)
     return records
