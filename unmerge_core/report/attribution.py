@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,19 +30,15 @@ from tabulate import tabulate
 from unmerge_core.config.targets import Truth
 from unmerge_core.io.store import atomic_write_json, atomic_write_text, to_jsonable
 from unmerge_core.pipeline.scoring import Scored
+from unmerge_core.report.tables import DEFAULT_OOD_THRESHOLD, DEFAULT_SUPPORT_THRESHOLD, VERDICTS, verdict_of
 from unmerge_core.types import CLAIMS
 
-DEFAULT_SUPPORT_THRESHOLD = 1e-3
-DEFAULT_OOD_THRESHOLD = 0.5
 REPORT_METRICS = ("reconstruction", "unique-share")
 """The metric plugins the report reads (reconstruction error, confidence): always run for it."""
 CONFIDENCE_METRIC = "unique_share"
 """Per-atom columns ``unique_share[<atom>]`` of the ``unique-share`` metric: the confidence fallback."""
 
 
-VERDICTS = ("explained", "partly-explained", "not-explained")
-"""explained: the attributed skills account for the target; partly-explained: known skills found plus a
-remainder the dictionary cannot explain; not-explained: no known skill."""
 CAUSAL_COLUMN = "causal_verdict"
 """Per-atom columns ``causal_verdict[<atom>]`` of ``causal-ablation``: 1 confirmed, 0 inconclusive, −1 refuted."""
 
@@ -206,18 +203,9 @@ def attribution_from(scored: Scored, *, support_threshold: float = DEFAULT_SUPPO
         confidence = [metrics.get(f"{CONFIDENCE_METRIC}[{n}]") for n in names]
         source = "unique-share metric"
     causal = [_causal_word(metrics.get(f"{CAUSAL_COLUMN}[{n}]")) for n in names]
-    any_selected = bool(support.any())
     remainder = result.info.get("remainder_share")
-    if result.info.get("verdict") in VERDICTS:
-        verdict, rule = str(result.info["verdict"]), "decomposer"
-    elif result.out_of_dictionary is not None:
-        verdict = "explained" if not result.out_of_dictionary else (
-            "partly-explained" if any_selected else "not-explained")
-        rule = "decomposer"
-    else:
-        ood = error > ood_threshold
-        verdict = "explained" if not ood else ("partly-explained" if any_selected else "not-explained")
-        rule = f"fallback: recon_error {'>' if ood else '≤'} {ood_threshold:g}"
+    verdict, rule = verdict_of(result, float(error), support_threshold=support_threshold,
+                               ood_threshold=ood_threshold) or ("", "")
     if verdict == "not-explained" or not isinstance(remainder, (int, float)):
         remainder = float(error)  # reported with every verdict: the share of the target's energy not explained
     notes = [str(n) for n in result.info.get("notes", []) if isinstance(n, str)]
@@ -260,15 +248,96 @@ def format_verdict(attribution: Attribution, sep: str = "\n") -> str:
     return sep.join(lines)
 
 
+TRUTH_FREE_METRICS = ("recon_error", "sparsity")
+"""Metric columns defined without ground truth: a metrics cell of only these says nothing about truth."""
+WIDTH = 100
+"""Prose (sentences, warnings, legend) is wrapped at this many columns."""
+CLAIM_WORDS = {"exact": "this exact adapter", "retrained": "another training of it",
+               "relative": "or a close relative of it"}
+"""How the one-sentence summary says each claim level (:data:`unmerge_core.CLAIMS`)."""
+NULL_CONFIRMED = "causal_null_confirmed"
+"""``causal-ablation``'s share of null controls (absent skills removed from the target) confirmed."""
+
+
 def _metrics_cell(metrics: Mapping[str, float | None]) -> str:
     shown = [(k, v) for k, v in metrics.items() if k != "recon_error"]
     return " ".join(f"{k}={'n/a' if v is None else f'{v:.3g}'}" for k, v in shown) or "—"
 
 
-def format_reports(reports: Sequence[TargetReport], tablefmt: str = "simple") -> str:
-    """The on-screen (or markdown, ``tablefmt="github"``) table: one row per target × decomposer."""
+def _truth_defined(reports: Sequence[TargetReport]) -> bool:
+    """Whether any target with ground truth has a truth metric that is defined (not n/a)."""
+    return any(v is not None for r in reports if r.truth is not None for a in r.attributions
+               for k, v in a.metrics.items() if k not in TRUTH_FREE_METRICS)
+
+
+def _wrap(text: str, first: str = "", rest: str = "  ") -> str:
+    return textwrap.fill(text, WIDTH, initial_indent=first, subsequent_indent=rest,
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def _and(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def target_sentence(report: TargetReport) -> str | None:
+    """One plain sentence on a target, from its first (the default) decomposer's result; ``None``
+    when it has no result. Not wrapped."""
+    if not report.attributions:
+        return None
+    a = report.attributions[0]
+    who = report.name if len(report.attributions) == 1 else f"{report.name} (by {a.decomposer})"
+    skills = [(s.name, f"{s.coefficient:.2f}" + (f", {CLAIM_WORDS[s.claim]}" if s.claim in CLAIM_WORDS else ""))
+              for s in a.skills]
+    listed = _and([f"{name} ({what})" for name, what in skills]) if skills else ""
+    if a.verdict == "not-explained":
+        text = f"{who}: not made of any dictionary skill"
+        if skills:
+            text += f"; closest: {listed}"
+    elif skills:
+        text = f"{who}: made of {listed}"
+    else:
+        text = f"{who}: no dictionary skill attributed"
+    if a.remainder_share is not None:
+        share = 100 * a.remainder_share
+        text += f"; {share:.0f} % of its change is not explained by the dictionary"
+    text += f" ({a.verdict})."
+    relatives = [s.name for s in a.skills if s.claim == "relative"]
+    if relatives:
+        text += (f" A close relative is no claim of the skill itself: {_and(relatives)} may not be in it "
+                 "(another adapter much like it may be).")
+    return text
+
+
+def null_control_warnings(reports: Sequence[TargetReport]) -> list[str]:
+    """One line per target × decomposer whose causal check confirmed a null control too. Not wrapped."""
+    out = []
+    for r in reports:
+        for a in r.attributions:
+            share = a.metrics.get(NULL_CONFIRMED)
+            if share is not None and share > 0:
+                out.append(f"warning: {r.name} ({a.decomposer}): a null control (a skill that is not in it, "
+                           f"removed) was confirmed too ({100 * share:.0f} % of null controls): the confirmations of "
+                           "this target are not specific.")
+    return out
+
+
+def short_legend(reports: Sequence[TargetReport]) -> list[str]:
+    """What the table's columns mean, one line each (not wrapped): coef, confidence, recon err, verdict."""
+    sources = sorted({a.confidence_source for r in reports for a in r.attributions if a.confidence_source})
+    source = f"; {'; '.join(sources)}" if sources else ""
+    return [
+        "coef: the skill's weight in the target's change (1.00: its whole adapter, as trained).",
+        f"confidence (in brackets{source}): how sure the skill is in the target, from 0 to 1.",
+        "recon err: the share of the target's change the attributed skills leave unexplained (0: none).",
+        "verdict: explained, partly-explained (skills found, plus a remainder), not-explained (no skill).",
+    ]
+
+
+def format_table(reports: Sequence[TargetReport], tablefmt: str = "simple") -> str:
+    """The table: one row per target × decomposer; the truth metrics column only when a target has
+    ground truth and some truth metric of it is defined."""
     sep = "<br>" if tablefmt == "github" else "\n"
-    with_truth = any(r.truth is not None for r in reports)
+    with_truth = _truth_defined(reports)
     headers = ["target", "group", "decomposer", "skills: coef (confidence)", "recon err", "verdict (rule, notes)"]
     if with_truth:
         headers.append("metrics vs truth")
@@ -282,9 +351,27 @@ def format_reports(reports: Sequence[TargetReport], tablefmt: str = "simple") ->
     return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
+def format_reports(reports: Sequence[TargetReport], tablefmt: str = "simple") -> str:
+    """What ``unmerge attribute`` prints (or, ``tablefmt="github"``, the body of ``attribution.md``):
+    one sentence per target, a warning where a null control confirmed, the table, and on the
+    terminal a short legend."""
+    md = tablefmt == "github"
+    first, rest = ("- ", "  ") if md else ("", "  ")
+    sentences = [s for s in (target_sentence(r) for r in reports) if s]
+    blocks = ["\n".join(_wrap(s, first, rest) for s in sentences)] if sentences else []
+    warnings = null_control_warnings(reports)
+    if warnings:
+        blocks.append("\n".join(_wrap(w, first, rest) for w in warnings))
+    blocks.append(format_table(reports, tablefmt))
+    if not md:
+        blocks.append("\n".join(_wrap(line) for line in short_legend(reports)))
+    return "\n\n".join(blocks)
+
+
 def _legend(reports: Sequence[TargetReport]) -> str:
     sources = sorted({a.confidence_source for r in reports for a in r.attributions if a.confidence_source})
-    lines = ["Confidence: " + "; ".join(sources) + "." if sources else "",
+    lines = [*short_legend(reports),
+             "Confidence: " + "; ".join(sources) + "." if sources else "",
              "unique-share metric: share of the target's energy lost when the atom is left out and the other "
              "attributed atoms are refitted (NNLS).",
              "Verdicts: explained (the attributed skills account for the target), partly-explained (known skills "
@@ -292,7 +379,7 @@ def _legend(reports: Sequence[TargetReport]) -> str:
              "not-explained (no known skill).",
              "Verdict rule `decomposer`: the decomposer's own decision; `fallback`: "
              "recon_error = 1 − cos(target, reconstruction)² compared with the threshold."]
-    return "\n".join(line for line in lines if line)
+    return "\n".join(_wrap(line, "- ") for line in lines if line)
 
 
 def write_report(run_dir: Path, reports: Sequence[TargetReport], atom_names: Sequence[str],

@@ -1,0 +1,104 @@
+"""The attribution report a person reads: one sentence per target, a truth column only when truth
+says something, a short legend on the terminal, a warning when a null control confirmed too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unmerge_core.config.targets import Truth
+from unmerge_core.report.attribution import (
+    AtomScore,
+    Attribution,
+    TargetReport,
+    format_reports,
+    target_sentence,
+    write_report,
+)
+
+TRUTH_METRICS = {"sparsity": 2.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "recon_error": 0.077}
+
+
+def attribution(atoms=(("chat-json-person", 0.603, "exact"), ("chat-pirate", 0.408, "exact")),
+                verdict="partly-explained", remainder=0.0768, metrics=None, decomposer="skill-fdr",
+                absent=("chat-sort",)) -> Attribution:
+    scores = [AtomScore(n, c, True, 1.0, claim=claim) for n, c, claim in atoms]
+    scores += [AtomScore(n, 0.0, False, 0.0) for n in absent]
+    return Attribution(decomposer, scores, 0.077, verdict, "decomposer", "decomposer: 1 − p-value",
+                       dict(metrics if metrics is not None else TRUTH_METRICS), {}, remainder)
+
+
+def report(name="merged", attributions=None, truth=True) -> TargetReport:
+    t = Truth(("chat-json-person", "chat-pirate"), (0.6, 0.4), "merge.yml") if truth else None
+    return TargetReport(name, Path(name), "model", "known" if truth else "external", t,
+                        attributions=attributions or [attribution()])
+
+
+def prose_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith(("|", "-" * 5))]
+
+
+def test_each_target_opens_with_one_plain_sentence() -> None:
+    assert target_sentence(report()) == (
+        "merged: made of chat-json-person (0.60, this exact adapter) and chat-pirate (0.41, this exact "
+        "adapter); 8 % of its change is not explained by the dictionary (partly-explained).")
+    out = format_reports([report()])
+    assert out.startswith("merged: made of chat-json-person (0.60, this exact adapter)")
+    assert out.index("(partly-explained).") < out.index("decomposer")
+    assert all(len(line) <= 100 for line in out[:out.index("\n\n")].splitlines())
+
+
+def test_the_sentence_says_each_claim_level_and_that_a_relative_is_no_claim() -> None:
+    sentence = target_sentence(report(attributions=[attribution(
+        atoms=(("json1", 0.25, "retrained"), ("add", 0.07, "relative")))]))
+    assert "json1 (0.25, another training of it) and add (0.07, or a close relative of it)" in sentence
+    assert "no claim of the skill itself: add may not be in it" in sentence
+    none = target_sentence(report(attributions=[attribution(atoms=(), verdict="not-explained", remainder=1.0)]))
+    assert none == ("merged: not made of any dictionary skill; 100 % of its change is not explained by the "
+                    "dictionary (not-explained).")
+
+
+def test_the_sentence_uses_the_first_decomposer_and_names_it_when_there_are_several() -> None:
+    r = report(attributions=[attribution(), attribution(atoms=(("chat-sort", 1.0, None),), decomposer="nnls",
+                                                        verdict="explained", remainder=0.0)])
+    sentence = target_sentence(r)
+    assert sentence.startswith("merged (by skill-fdr): made of chat-json-person") and "chat-sort" not in sentence
+
+
+def test_the_markdown_report_opens_with_the_sentences(tmp_path) -> None:
+    write_report(tmp_path, [report(), report("other", truth=False)], ["chat-json-person", "chat-pirate", "chat-sort"], {}, [])
+    md = (tmp_path / "attribution.md").read_text()
+    assert md.index("- merged: made of chat-json-person") < md.index("- other: made of") < md.index("| target")
+    assert all(len(line) <= 100 for line in prose_lines(md) if not line.startswith("Dictionary:"))
+    assert "- coef: the skill's weight" in md
+
+
+def test_no_truth_metrics_column_without_truth() -> None:
+    no_truth = {"sparsity": 2.0, "precision": None, "recall": None, "f1": None, "recon_error": 0.077}
+    for reports in ([report(truth=False, attributions=[attribution(metrics=no_truth)])],
+                    [report(attributions=[attribution(metrics=no_truth)])]):  # truth, but every metric n/a
+        for fmt in ("simple", "github"):
+            out = format_reports(reports, fmt)
+            assert "metrics vs truth" not in out and "precision" not in out and "n/a" not in out, out
+    out = format_reports([report(), report("other", truth=False)])
+    assert "metrics vs truth" in out and "precision=1" in out
+
+
+def test_the_terminal_shows_a_short_legend() -> None:
+    out = format_reports([report()])
+    legend = out[out.rindex("\n\n") + 2:].splitlines()
+    assert 3 <= len(legend) <= 5 and all(len(line) <= 100 for line in legend), legend
+    text = " ".join(line.strip() for line in legend)
+    for term in ("coef:", "confidence", "recon err:", "verdict:", "decomposer: 1 − p-value"):
+        assert term in text
+    assert "coef:" not in format_reports([report()], "github")  # the markdown has its own, longer legend
+
+
+def test_a_confirmed_null_control_warns_that_the_confirmations_are_not_specific() -> None:
+    causal = {**TRUTH_METRICS, "causal_confirmed": 1.0, "causal_null_confirmed": 0.5}
+    out = format_reports([report(attributions=[attribution(metrics=causal)]), report("clean")])
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: merged (skill-fdr): a null control")
+    assert "the confirmations of this target are not specific" in out.replace("\n  ", " ")
+    assert out.index("warning:") < out.index("decomposer")
+    quiet = {**TRUTH_METRICS, "causal_confirmed": 1.0, "causal_null_confirmed": 0.0}
+    assert "warning:" not in format_reports([report(attributions=[attribution(metrics=quiet)])])
