@@ -133,6 +133,10 @@ class StatisticsUnit:
     store_root: Path
     workers: int | None = None
 
+    @property
+    def progress_name(self) -> str:  # the name a plain progress line gives it
+        return self.task
+
 
 def statistics_unit(unit: StatisticsUnit) -> Path:
     """One adapter's statistics and masked values, every module once (``workers`` at a time), cached."""

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 from unmerge_core.errors import UnmergeError
+from unmerge_core.pipeline.executor import PlainProgress, Progress, progress_style, unit_name
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -138,11 +139,11 @@ class RayExecutor:
         address: ``None`` starts Ray on this machine; ``"auto"`` or ``"ray://host:port"`` joins a cluster.
         num_cpus_per_task, num_gpus_per_task: Resources Ray reserves for each unit.
         max_retries: Times a unit whose worker died is rerun.
-        progress: Show a progress bar per stage.
+        progress: Show a progress bar per stage (``"lines"``: plain progress lines, :class:`PlainProgress`).
     """
 
     def __init__(self, store_root: Path, *, address: str | None = None, num_cpus_per_task: float = 1.0,
-                 num_gpus_per_task: float = 0.0, max_retries: int = 3, progress: bool = True) -> None:
+                 num_gpus_per_task: float = 0.0, max_retries: int = 3, progress: Progress = True) -> None:
         self.store_root = Path(store_root).resolve()
         self.address = address
         self.resources = {"num_cpus": num_cpus_per_task, "num_gpus": num_gpus_per_task}
@@ -209,13 +210,18 @@ class RayExecutor:
         settings = numeric_settings()  # as the local executor would run them, here and now
         refs = [task.remote(fn, job, settings) for job in jobs]
         order = {ref: i for i, ref in enumerate(refs)}
+        lines = (PlainProgress(f"{desc} [ray]", len(refs), unit_seconds=False)
+                 if progress_style(self.progress) == "lines" else None)
         bar = tqdm(total=len(refs), desc=f"{desc} [ray]", unit="job", leave=False, dynamic_ncols=True,
-                   disable=not self.progress)
+                   disable=progress_style(self.progress) != "bar")
         pending = list(refs)
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 bar.update(len(done))
+                if lines is not None:
+                    for ref in done:
+                        lines.done(unit_name(jobs[order[ref]]))
                 try:
                     ray.get(done)
                 except ray.exceptions.RayError:

@@ -47,7 +47,7 @@ from unmerge_core.io.store import (
     remove_tree,
 )
 from unmerge_core.pipeline.delta_pass import StatisticsRequest, shared_pass
-from unmerge_core.pipeline.executor import Executor, SequentialExecutor, progress
+from unmerge_core.pipeline.executor import Executor, Progress, SequentialExecutor, progress
 from unmerge_core.pipeline.external import score_external_targets
 from unmerge_core.pipeline.merging import (
     STATISTICS_FILE,
@@ -111,6 +111,10 @@ class TrainUnit:
     workspace: Path
     task_index: int
 
+    @property
+    def progress_name(self) -> str:  # the name a plain progress line gives it
+        return self.task.name
+
 
 def training_name(task: str, variant: str = "") -> str:
     """The name of one training of a task: ``task`` for the dictionary's trainer, ``task@variant`` otherwise."""
@@ -169,6 +173,10 @@ class MergeUnit:
     statistics_dirs: tuple[Path | None, ...] = ()
     trainings: tuple[str, ...] = ()  # the constituents' training names (their vectors' names)
     base_model: Path | None = None  # for methods defined on full weights
+
+    @property
+    def progress_name(self) -> str:  # the name a plain progress line gives it
+        return self.spec.target_id
 
 
 ZERO_TARGET_MIN_COORDINATES = 32
@@ -276,7 +284,7 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def manifest_executor(manifest: Manifest, progress: bool = True) -> Executor:
+def manifest_executor(manifest: Manifest, progress: Progress = True) -> Executor:
     """The executor a manifest asks for: sequential in this process, or Ray tasks."""
     config = manifest.file.executor
     if config.kind == "local":
@@ -293,14 +301,14 @@ class Runner:
     Args:
         manifest: From :func:`unmerge_core.config.manifest.load_manifest`.
         executor: Runs the units of work; default: the manifest's ``executor`` (local: sequential).
-        progress: Show progress bars.
+        progress: Show progress bars (``"lines"``: plain progress lines, for a log or a pipe).
         plots: Write the PNG plots (``--no-plots`` turns them off).
         echo: Where to print notes and warnings (standard error by default).
         redo: Recompute this stage's cached work and every later stage's (:func:`redo_stages`):
             ``trainer``, ``masker``, ``merger``, ``decomposer``, ``metric`` or ``all``.
     """
 
-    def __init__(self, manifest: Manifest, *, executor: Executor | None = None, progress: bool = True,
+    def __init__(self, manifest: Manifest, *, executor: Executor | None = None, progress: Progress = True,
                  echo: Callable[[str], None] = _stderr, plots: bool = True, redo: str | None = None) -> None:
         self.m = manifest
         self.run_dir = manifest.run_dir
@@ -580,7 +588,8 @@ class Runner:
         with self.stage("task-vectors", len(adapter_dirs)):
             vectors = {
                 name: masked_vector(LoraAdapter(path, name), mask)
-                for name, path in progress(list(adapter_dirs.items()), desc="task vectors", enabled=self.progress)
+                for name, path in progress(list(adapter_dirs.items()), desc="task vectors", enabled=self.progress,
+                                           name=lambda item: item[0])
             }
             atomic_save_tensors(self.run_dir / "task_vectors.safetensors",
                                 {k: torch.from_numpy(v) for k, v in vectors.items()})

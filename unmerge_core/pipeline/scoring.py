@@ -32,7 +32,7 @@ from unmerge_core.io.store import (
     load_tensors,
     to_jsonable,
 )
-from unmerge_core.pipeline.executor import Executor, SequentialExecutor, progress
+from unmerge_core.pipeline.executor import Executor, Progress, SequentialExecutor, progress
 from unmerge_core.types import (
     CLAIMS,
     Decomposition,
@@ -99,6 +99,15 @@ class DecomposeUnit:
     problem: DecompositionProblem
     target_id: str
     cache: Path | None = None
+
+    @property
+    def progress_name(self) -> str:  # the name a plain progress line gives it
+        return f"{self.target_id} {self.plugin.label}"
+
+
+def _pair_name(item: tuple[ScoreTarget, Any, Any, Any, Any]) -> str:
+    """What a plain progress line calls one (target, decomposer) pair."""
+    return f"{item[0].spec.target_id} {item[1].label}"
 
 
 def decompose_unit(unit: DecomposeUnit) -> Decomposition:
@@ -357,7 +366,7 @@ class ScoreLoop:
         dictionary_key: Identity of the dictionary and mask (part of every cache key).
         evaluation_key: Identity of what metrics may look at besides the decomposition.
         executor: Runs the decomposition units.
-        show_progress: Progress bars.
+        show_progress: Progress bars (``"lines"``: plain progress lines).
         skills: The skill of each atom when a skill has several atoms (empty: one atom per skill).
         redo_decompositions: Recompute cached decompositions once (``unmerge run --redo decomposer``).
         redo_metrics: Recompute cached metric values once (``--redo metric``).
@@ -367,7 +376,7 @@ class ScoreLoop:
                  decomposers: Sequence[Any], metrics: Sequence[tuple[Any, Any]], *,
                  task_vectors: Mapping[str, np.ndarray] | None = None, categories: Mapping[str, str] | None = None,
                  context: RunContext | None = None, cache_dir: Path | None = None, dictionary_key: str = "",
-                 evaluation_key: str = "", executor: Executor | None = None, show_progress: bool = False,
+                 evaluation_key: str = "", executor: Executor | None = None, show_progress: Progress = False,
                  skills: Sequence[str] = (), redo_decompositions: bool = False, redo_metrics: bool = False) -> None:
         self.atom_names = tuple(atom_names)
         self.skills = tuple(skills)
@@ -434,7 +443,8 @@ class ScoreLoop:
         """Every metric on every decomposition (cached per pair and metric when a key is known)."""
         items = list(decomposed)
         out: list[Scored] = []
-        for target, plugin, problem, result, key in progress(items, desc=desc, enabled=self.show_progress):
+        for target, plugin, problem, result, key in progress(items, desc=desc, enabled=self.show_progress,
+                                                             name=_pair_name):
             evaluation = self.evaluation(target, plugin.label, restored(result, problem))
             values: dict[str, float | None] = {}
             owners: dict[str, str] = {}  # column -> the metric that returned it

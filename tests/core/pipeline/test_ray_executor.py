@@ -5,6 +5,7 @@ node that cannot see the store is named."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,25 @@ def die_once(marker: Path) -> str:
         marker.write_text("killed once")
         os._exit(1)
     return marker.name
+
+
+class Named:
+    def __init__(self, name: str) -> None:
+        self.progress_name = name  # what a plain progress line calls the unit
+
+
+def name_of(unit: Named) -> str:
+    return unit.progress_name
+
+
+def test_plain_progress_lines_for_ray_units(tmp_path, capsys) -> None:
+    """Issue 24, item 6: standard error that is not a terminal gets one-line messages, not a bar."""
+    units = [Named(f"u{i}") for i in range(3)]
+    assert RayExecutor(tmp_path, progress="lines").map(name_of, units, desc="x") == ["u0", "u1", "u2"]
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert all(re.fullmatch(r"x \[ray\] [123]/3 u\d \(elapsed [\d.]+ s\)", line) for line in lines), err
+    assert lines[-1].startswith("x [ray] 3/3 "), err  # a slow unit (a worker starting) has its own line too
 
 
 def test_a_unit_whose_worker_dies_is_rerun(tmp_path) -> None:
