@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from tabulate import tabulate
 
@@ -19,7 +20,9 @@ from unmerge_core.errors import UnmergeError, disk_full_line
 from unmerge_core.io.hub import parse_hub_ref, resolve_model_ref
 from unmerge_core.manager import PluginManager
 from unmerge_core.pipeline.attribute import DEFAULT_DECOMPOSERS, DEFAULT_METRICS, AttributeRequest
+from unmerge_core.pipeline.executor import Progress
 from unmerge_core.pipeline.run_directory import REDO_STAGES
+from unmerge_core.quiet import quiet_third_party
 from unmerge_core.types import STAGE_NAMES
 
 
@@ -32,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with third_party_output(args):
+            return int(args.func(args) or 0)
     except UnmergeError as exc:
         if args.debug:
             raise
@@ -60,11 +64,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def third_party_output(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    """Where a command loads models (``run``, ``attribute``): transformers' progress bars and warnings,
+    FutureWarnings of transformers and PEFT and Ray's token notice are silenced unless ``--verbose``."""
+    if not hasattr(args, "verbose"):  # validate, plan, plugins: nothing of theirs to silence
+        return contextlib.nullcontext()
+    return quiet_third_party(verbose=args.verbose)
+
+
+def progress_mode(no_progress: bool, stream: TextIO | None = None,
+                  environ: Mapping[str, str] | None = None) -> Progress:
+    """How ``unmerge run`` shows progress on ``stream`` (standard error): tqdm bars on a terminal or
+    with ``UNMERGE_PROGRESS`` set (to anything non-empty), plain one-line messages otherwise (a pipe,
+    a log), nothing with ``--no-progress``."""
+    stream = sys.stderr if stream is None else stream
+    environ = os.environ if environ is None else environ
+    if no_progress:
+        return False
+    if environ.get("UNMERGE_PROGRESS") or stream.isatty():
+        return "bar"
+    return "lines"
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse with its errors on one line (it prints the whole usage block before them otherwise)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+VERBOSE_HELP = ("also show third-party output: transformers' progress bars and warnings, FutureWarnings of "
+                "transformers and PEFT, Ray's notices")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a manifest (train, mask, merge, decompose, score)")
     run.add_argument("manifest")
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--no-progress", action="store_true",
+                     help="hide progress (bars on a terminal, one-line messages otherwise)")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.add_argument("--no-plots", action="store_true", help="write the tables only (no PNG plots)")
     run.add_argument("--output-dir", help="override [output].dir of the manifest")
     run.add_argument("--redo", choices=["all", *REDO_STAGES], metavar="STAGE",
@@ -121,8 +153,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise UnmergeError(f"--output-dir {args.output_dir}: {problem}")
         manifest.file.output.dir = args.output_dir
     print(f"unmerge: running {manifest.name} -> {manifest.run_dir}", file=sys.stderr)
-    show_progress = not args.no_progress and sys.stderr.isatty() or bool(os.environ.get("UNMERGE_PROGRESS"))
-    result = Runner(manifest, progress=show_progress, plots=not args.no_plots, redo=args.redo).run()
+    result = Runner(manifest, progress=progress_mode(args.no_progress), plots=not args.no_plots, redo=args.redo).run()
     print(format_table(compact(result.table.summary())))
     print()
     timing_rows = [[t.stage, f"{t.seconds:.1f}", f"{t.cpu_seconds:.1f}", f"{t.peak_rss_mb:.0f}", t.jobs, t.reused]
@@ -268,6 +299,7 @@ def _add_attribute_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--name", help="run name (default: the target's name)")
     p.add_argument("--output-dir", help="where to write the report (default: runs/attribute-<name>)")
     p.add_argument("--seed", type=int, default=0, help="seed for randomised decomposers")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=_cmd_attribute)
 
 
