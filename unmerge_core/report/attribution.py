@@ -85,6 +85,7 @@ class Attribution:
     info: dict[str, Any] = field(default_factory=dict)
     remainder_share: float | None = None
     notes: list[str] = field(default_factory=list)
+    claims_given: bool = True   # the decomposer states claim levels (else every attributed atom reads "exact")
 
     @property
     def out_of_dictionary(self) -> bool:
@@ -214,7 +215,7 @@ def attribution_from(scored: Scored, *, support_threshold: float = DEFAULT_SUPPO
              for j, (n, c, s) in enumerate(zip(names, coef, support))]
     shown = {k: v for k, v in metrics.items() if not k.startswith((CONFIDENCE_METRIC, CAUSAL_COLUMN))}
     return Attribution(scored.decomposer, atoms, float(error), verdict, rule, source, shown, dict(result.info),
-                       None if remainder is None else float(remainder), notes)
+                       None if remainder is None else float(remainder), notes, result.claims is not None)
 
 
 def _causal_word(value: float | None) -> str | None:
@@ -286,7 +287,9 @@ def target_sentence(report: TargetReport) -> str | None:
         return None
     a = report.attributions[0]
     who = report.name if len(report.attributions) == 1 else f"{report.name} (by {a.decomposer})"
-    skills = [(s.name, f"{s.coefficient:.2f}" + (f", {CLAIM_WORDS[s.claim]}" if s.claim in CLAIM_WORDS else ""))
+    # a decomposer without claim levels says nothing about "this exact adapter": no claim words then
+    skills = [(s.name, f"{s.coefficient:.2f}" + (f", {CLAIM_WORDS[s.claim]}"
+                                                 if a.claims_given and s.claim in CLAIM_WORDS else ""))
               for s in a.skills]
     listed = _and([f"{name} ({what})" for name, what in skills]) if skills else ""
     if a.verdict == "not-explained":

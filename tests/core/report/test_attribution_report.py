@@ -102,3 +102,13 @@ def test_a_confirmed_null_control_warns_that_the_confirmations_are_not_specific(
     assert out.index("warning:") < out.index("decomposer")
     quiet = {**TRUTH_METRICS, "causal_confirmed": 1.0, "causal_null_confirmed": 0.0}
     assert "warning:" not in format_reports([report(attributions=[attribution(metrics=quiet)])])
+
+
+def test_a_decomposer_without_claim_levels_is_not_said_to_find_exact_adapters() -> None:
+    """The core reads an attributed atom of a decomposer that states no claims as 'exact' (for counting);
+    the sentence said "this exact adapter" for paper-nnls' small spurious coefficients too."""
+    a = attribution(atoms=(("chat-sort", 0.51, "exact"), ("chat-pirate", 0.01, "exact")), decomposer="paper-nnls",
+                    verdict="explained", remainder=0.0)
+    a.claims_given = False
+    sentence = target_sentence(report(attributions=[a]))
+    assert "chat-sort (0.51) and chat-pirate (0.01)" in sentence and "exact" not in sentence
