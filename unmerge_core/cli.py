@@ -21,6 +21,7 @@ from unmerge_core.io.hub import parse_hub_ref, resolve_model_ref
 from unmerge_core.manager import PluginManager
 from unmerge_core.pipeline.attribute import DEFAULT_DECOMPOSERS, DEFAULT_METRICS, AttributeRequest
 from unmerge_core.pipeline.executor import Progress
+from unmerge_core.pipeline import verify_recipe
 from unmerge_core.pipeline.run_directory import REDO_STAGES
 from unmerge_core.quiet import quiet_third_party
 from unmerge_core.types import STAGE_NAMES
@@ -134,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     plugins.set_defaults(func=_cmd_plugins)
 
     _add_attribute_parser(sub)
+    verify_recipe.add_parser(sub)
     return parser
 
 
