@@ -147,10 +147,12 @@ def build_mask(adapters: Sequence[LoraAdapter], masker: Any, label: str) -> Mask
 
 @dataclass
 class AttributeRequest:
-    """What ``unmerge attribute`` was asked (paths resolved, strings parsed)."""
+    """What ``unmerge attribute`` was asked (paths resolved, strings parsed).
+
+    ``output_dir`` ``None`` (the Python API's default, :func:`unmerge_core.api.attribute`) writes no file."""
 
     targets: list[tuple[str, Path]]
-    output_dir: Path
+    output_dir: Path | None
     base: Path | None = None
     dictionary: Path | None = None
     adapters: list[tuple[str, Path]] = field(default_factory=list)
@@ -174,7 +176,7 @@ class AttributeRequest:
 
 @dataclass
 class AttributeResult:
-    run_dir: Path
+    run_dir: Path | None  # None: nothing was written (no output_dir)
     reports: list[TargetReport]
     atom_names: tuple[str, ...]
     warnings: list[str]
@@ -182,7 +184,8 @@ class AttributeResult:
 
 def run_attribute(request: AttributeRequest, manager: PluginManager | None = None,
                   echo: Echo = _stderr) -> AttributeResult:
-    """Attribute every target of ``request`` and write the report into ``request.output_dir``."""
+    """Attribute every target of ``request`` and write the report into ``request.output_dir`` (when it is
+    not ``None``)."""
     manager = manager or PluginManager()
     warnings: list[str] = []
 
@@ -278,7 +281,7 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
             built_metrics.append((plugin, plugin.build()))
     context = None
     if request.verify:
-        assert base is not None and request.base is not None
+        assert base is not None and request.base is not None and request.output_dir is not None
         tasks = verification_tasks(request, sorted(set(skill_of.values())), warn, lambda m: echo(f"note: {m}"))
         paths = dict(request.targets)
         context = RunContext({a.name: a.adapter.path for a in atoms}, tasks, mask, None, request.seed,
@@ -306,7 +309,8 @@ def run_attribute(request: AttributeRequest, manager: PluginManager | None = Non
         "decomposers": [{"plugin": n, "params": to_jsonable(p)} for n, p in request.decomposers],
         "options": {"support_threshold": request.support_threshold, "ood_threshold": request.ood_threshold},
     }
-    write_report(request.output_dir, ordered, atom_names, meta, warnings)
+    if request.output_dir is not None:
+        write_report(request.output_dir, ordered, atom_names, meta, warnings)
     return AttributeResult(request.output_dir, ordered, atom_names, warnings)
 
 
@@ -436,7 +440,9 @@ def check_request(request: AttributeRequest) -> None:
                            "reconstruction error)")
     if request.seed < 0:
         raise UnmergeError(f"--seed {request.seed}: must be ≥ 0")
-    problem = check_output_dir(request.output_dir)
+    if request.output_dir is None and request.verify:  # causal-ablation writes its details into the run directory
+        raise UnmergeError("--verify: give an output directory (it writes each target's causal details there)")
+    problem = check_output_dir(request.output_dir) if request.output_dir is not None else None
     if problem:
         raise UnmergeError(f"--output-dir {request.output_dir}: {problem}")
     names = [n for n, _ in request.targets]
