@@ -437,7 +437,21 @@ def add_parser(sub: Any) -> None:
 
 
 def _cmd(args: Any) -> int:
-    result = run_verify_recipe(args.model, args.recipe, base=args.base, dictionary=args.dictionary,
-                               json_out=args.json_out)
+    """Exit 0, 1 or 2 as the verdict says. A bug is exit 2 too (the CLI's own bug exit, 1, would read "does
+    not match"), in one line unless ``--debug``."""
+    import sys
+
+    try:
+        result = run_verify_recipe(args.model, args.recipe, base=args.base, dictionary=args.dictionary,
+                                   json_out=args.json_out)
+    except (UnmergeError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug, not a user mistake: one line, exit 2
+        if getattr(args, "debug", False):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: internal error ({type(exc).__name__}: {first}); this is a bug in unmerge or a plugin, "
+              "please report it; rerun with --debug for the traceback", file=sys.stderr)
+        return 2
     print(result.line)
     return result.exit_code
