@@ -639,3 +639,15 @@ def test_transferred_skills_are_the_unattributed_ones_the_target_does_better_tha
     own = np.array([1.0] * 8 + [0.0] * 8)    # uppercase: 8 of 16 prompts lost, none gained
     assert judge_checker(own, others_with_json, params).verdict == "refuted"
     assert judge_checker(own, others_with_json[:1], params).verdict == "confirmed"
+
+
+def test_a_removal_specific_to_its_skill_confirms_when_another_skill_moves_a_little() -> None:
+    """On SmolLM2's TSV-M merge removing markdown-row lost 15 of 16 of its prompts while word-problem fell
+    by 0.31 (5 prompts): 'inconclusive' under a fixed 0.15 tolerance. The own skill falling by at least
+    min_drop more than any other is specific; falling less than another is not."""
+    p = CausalParams(score="checker")
+    markdown = np.r_[np.ones(15), np.zeros(1)]
+    assert judge_checker(markdown, [0.31, 0.0], p).verdict == "confirmed"
+    assert judge_checker(markdown, [0.75], p).verdict == "inconclusive"   # margin 0.19 < min_drop
+    uppercase = np.r_[np.ones(4), np.zeros(12)]
+    assert judge_checker(uppercase, [0.31], p).verdict == "refuted"       # another skill fell more
