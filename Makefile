@@ -6,14 +6,14 @@ STAMP := $(VENV)/.installed
 MANIFEST ?= experiments/quickstart.toml
 REAL_GGUF := .real/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run test test-slow test-real real real-model example fuzz scenarios merge-methods bench bench-real bench-scaling clean
+.PHONY: install run test docs test-slow test-real real real-model example fuzz scenarios merge-methods bench bench-real bench-scaling clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,plots,datasets,ray]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,plots,datasets,ray,docs]"
 	touch $(STAMP)
 
 run: install
@@ -21,6 +21,12 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -m "not slow and not real" -q
+
+# The documentation site (docs/, mkdocs.yml): docs/cli.md regenerated from the parser, then a strict build
+# (a broken link or anchor, or a docstring mkdocstrings cannot read, fails it) into site/.
+docs: install
+	$(BIN)/python docs/gen_cli.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The property-based fuzz tests with thousands of generated manifests, configs and files (minutes);
 # `make test` runs the same tests with a few hundred examples.
@@ -83,4 +89,4 @@ bench-scaling: install
 	$(BIN)/python benchmarks/scaling.py $(SCALING_ARGS)
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site
