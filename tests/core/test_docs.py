@@ -4,7 +4,8 @@
   and in the committed docs/cli.md;
 - every hook specification and every public name of `unmerge_core.api` has a docstring, and
   docs/hooks.md renders both modules with mkdocstrings;
-- every page mkdocs.yml's nav names exists, and every page in docs/ is in the nav.
+- every page mkdocs.yml's nav names exists, and every page in docs/ is in the nav;
+- README.md is at most 200 lines and its relative links resolve.
 """
 
 from __future__ import annotations
@@ -83,3 +84,11 @@ def test_every_nav_page_exists_and_every_page_is_in_the_nav():
     pages = {p.name for p in DOCS.glob("*.md")}
     assert set(nav) - pages == set(), f"mkdocs.yml names missing pages: {sorted(set(nav) - pages)}"
     assert pages - set(nav) == set(), f"pages not in mkdocs.yml's nav: {sorted(pages - set(nav))}"
+
+
+def test_the_readme_stays_one_screen_and_its_links_into_the_docs_resolve():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200, "README.md is over 200 lines: move the material to a page of docs/"
+    broken = [link for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+              if "://" not in link and not (ROOT / link).exists()]
+    assert not broken, f"README.md links to files that do not exist: {broken}"
