@@ -57,6 +57,10 @@ def test_peft_lora_quickstart_route(tmp_path) -> None:
     first = LoraAdapter(adapters["python-function"])
     assert Path(first.base_model).is_absolute() and (Path(first.base_model) / "config.json").is_file()
     assert len(first.module_names) == 8  # 2 layers × q/k/v/o
+    # the run names what the store names by hash: --dictionary runs/NAME/dictionary --base runs/NAME/base
+    linked = {p.name: p.resolve() for p in (result.run_dir / "dictionary").iterdir()}
+    assert linked and all(linked[t] == Path(adapters[t]).resolve() for t in linked)
+    assert (result.run_dir / "base").resolve() == Path(first.base_model).resolve()
     log = json.loads((Path(adapters["python-function"]) / "training_log.json").read_text())
     assert log["epoch_mean_loss"][-1] < log["epoch_mean_loss"][0]  # training moved the loss
     for row in result.table.rows:

@@ -519,7 +519,32 @@ class Runner:
             paths = self.executor.map(train_unit, units, desc=f"train ({self.m.trainer.label})")
         out = {training_name(task.name, variant): p for (variant, _, task), p in zip(plans, paths)}
         atomic_write_json(self.run_dir / "adapters.json", {k: str(v) for k, v in out.items()})
+        self._link_by_name(out)
         return out
+
+    def _link_by_name(self, adapter_dirs: Mapping[str, Path]) -> None:
+        """``<run>/dictionary/<skill>``: a link to each dictionary adapter (the store names them by hash),
+        and ``<run>/base``: a link to the local base model the adapters were trained on, so a user can
+        pass ``--dictionary runs/NAME/dictionary --base runs/NAME/base`` to ``unmerge attribute`` or
+        mergekit without typing a hash. Links are replaced on every run; a file system without symbolic
+        links gets none (a note, nothing fails)."""
+        folder = self.run_dir / "dictionary"
+        try:
+            remove_tree(folder)
+            folder.mkdir()
+            for atom in self.m.atoms:
+                if atom.name in adapter_dirs:
+                    (folder / atom.name).symlink_to(Path(adapter_dirs[atom.name]).resolve(), target_is_directory=True)
+            bases = {LoraAdapter(Path(adapter_dirs[a.name]), a.name).base_model
+                     for a in self.m.atoms if a.name in adapter_dirs}
+            base = self.run_dir / "base"
+            remove_tree(base)
+            if len(bases) == 1:
+                named = next(iter(bases))
+                if named is not None and Path(named).is_dir():
+                    base.symlink_to(Path(named).resolve(), target_is_directory=True)
+        except OSError as exc:
+            self.echo(f"note: no dictionary/ and base links in {self.run_dir} ({exc.strerror or exc})")
 
     def build_mask(self, adapter_dirs: dict[str, Path], specs: Sequence[MergeJob] = ()) -> Path:
         """The run's mask. When the masker and a merger can share one pass over the dictionary's ΔW

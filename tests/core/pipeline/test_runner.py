@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 import types
 
 import numpy as np
@@ -33,6 +34,10 @@ def test_synthetic_run_writes_every_result_file(write_manifest) -> None:
     # undefined metrics are empty cells, not zeros
     unknown = [r for r in rows if r["group"] == "unknown"]
     assert all(r["precision"] == "" and r["recall"] == "" for r in unknown)
+    adapters = json.loads((d / "adapters.json").read_text())
+    links = sorted((d / "dictionary").iterdir())
+    assert links and all(p.is_symlink() and p.resolve() == Path(adapters[p.name]).resolve() for p in links)
+    assert not (d / "base").exists()  # synthetic adapters name no base model
     targets = json.loads((d / "targets.json").read_text())
     assert len(targets) == 12 and all(len(t["tasks"]) == len(t["weights"]) for t in targets)
     stages = [t["stage"] for t in json.loads((d / "timings.json").read_text())]
