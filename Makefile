@@ -26,6 +26,7 @@ test: install
 # (a broken link or anchor, or a docstring mkdocstrings cannot read, fails it) into site/.
 docs: install
 	$(BIN)/python docs/gen_cli.py
+	$(BIN)/python docs/gen_manifest.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The property-based fuzz tests with thousands of generated manifests, configs and files (minutes);

@@ -92,3 +92,17 @@ def test_the_readme_stays_one_screen_and_its_links_into_the_docs_resolve():
     broken = [link for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
               if "://" not in link and not (ROOT / link).exists()]
     assert not broken, f"README.md links to files that do not exist: {broken}"
+
+
+def test_every_manifest_field_has_a_meaning_in_the_generated_reference():
+    """A manifest field without a description, or missing from docs/manifest-fields.md, fails here (the page
+    is generated from the pydantic models by docs/gen_manifest.py and committed)."""
+    spec = importlib.util.spec_from_file_location("gen_manifest", DOCS / "gen_manifest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = module.render()
+    assert (DOCS / "manifest-fields.md").read_text() == page, "docs/manifest-fields.md is stale: run make docs"
+    for where, model in module.tables():
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} ({where}) has no description"
+            assert f"| `{field.alias or name}` |" in page

@@ -53,9 +53,11 @@ def _no_duplicates(field_name: str, values: list[Any]) -> None:
 class PluginRef(_Strict):
     """``plugin = "<name>"`` plus its ``params`` table; ``label`` tells two uses of one plugin apart."""
 
-    plugin: str = Field(min_length=1, max_length=100)
-    params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = Field(None, min_length=1, max_length=100)
+    plugin: str = Field(min_length=1, max_length=100, description="the plugin's name (`unmerge plugins` lists them)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the plugin's parameters, validated by its "
+                                   "own parameter model (`unmerge plugins --json` shows each one's schema)")
+    label: str | None = Field(None, min_length=1, max_length=100, description="a name for this use of the plugin, "
+                              "in results and cache keys (two entries of one plugin need different labels)")
 
     @field_validator("label")
     @classmethod
@@ -73,7 +75,8 @@ class DecomposerRef(PluginRef):
     """A decomposer entry; ``per_layer = true`` (or a table of the ``per-layer`` plugin's parameters)
     wraps it in the ``per-layer`` decomposer plugin."""
 
-    per_layer: dict[str, Any] | None = None
+    per_layer: dict[str, Any] | None = Field(None, description="true, or a table of the per-layer plugin's "
+                                             "parameters: decompose every layer on its own with this decomposer")
 
     @field_validator("per_layer", mode="before")
     @classmethod
@@ -101,9 +104,12 @@ class TaskSelection(_Strict):
     attribution is judged per skill.
     """
 
-    known: list[str] = Field(min_length=1, max_length=MAX_TASKS)
-    unknown: list[str] = Field(default_factory=list, max_length=MAX_TASKS)
-    dictionary_variants: list[str] = Field(default_factory=list, max_length=MAX_PLUGINS)
+    known: list[str] = Field(min_length=1, max_length=MAX_TASKS, description="registry tasks whose adapters "
+                             "form the dictionary")
+    unknown: list[str] = Field(default_factory=list, max_length=MAX_TASKS, description="registry tasks trained "
+                               "and merged into targets but kept out of the dictionary")
+    dictionary_variants: list[str] = Field(default_factory=list, max_length=MAX_PLUGINS, description="[[variants]] "
+                                           "names whose trainings of the known tasks join the dictionary too")
 
     @field_validator("dictionary_variants")
     @classmethod
@@ -126,13 +132,17 @@ class TaskSelection(_Strict):
 class Protocol(_Strict):
     """How targets are generated. Defaults are the proposal's: 24 per group, 2–5 tasks, 4 methods."""
 
-    groups: list[Literal["known", "mixed", "unknown"]] = Field(default_factory=lambda: list(GROUPS))
+    groups: list[Literal["known", "mixed", "unknown"]] = Field(default_factory=lambda: list(GROUPS), description=
+                                                               "target groups: only known tasks, known + unknown, "
+                                                               "only unknown")
     methods: list[str] = Field(default_factory=lambda: ["linear", "ties", "dare_linear", "task_arithmetic"],
-                               max_length=MAX_PLUGINS)
+                               max_length=MAX_PLUGINS, description="merge methods the targets are made with (each "
+                               "offered by one of the run's mergers)")
     targets_per_group: int = Field(24, ge=1, le=MAX_TARGETS_PER_GROUP, description="split evenly over the merge methods")
-    min_tasks: int = Field(2, ge=1, le=MAX_TASKS)
-    max_tasks: int = Field(5, ge=1, le=MAX_TASKS)
-    weights: Literal["uniform", "dirichlet"] = "uniform"
+    min_tasks: int = Field(2, ge=1, le=MAX_TASKS, description="fewest tasks merged into one target")
+    max_tasks: int = Field(5, ge=1, le=MAX_TASKS, description="most tasks merged into one target")
+    weights: Literal["uniform", "dirichlet"] = Field("uniform", description="merge weights: equal, or drawn from "
+                                                     "a flat Dirichlet (from the seed)")
     constituents: list[str] = Field(
         default_factory=list, max_length=MAX_PLUGINS,
         description="[[variants]] whose trainings make the targets: for each constituent, the first listed "
@@ -165,7 +175,7 @@ class VariantRef(PluginRef):
     """A ``[[variants]]`` entry: another training of some tasks (another seed, sample, rank, a full
     fine-tune...) by its own trainer, used as targets' constituents or as more dictionary atoms."""
 
-    name: str
+    name: str = Field(description="the variant's name: its trainings are task@name")
     tasks: list[str] | None = Field(None, description="the tasks it trains (default: every task)")
 
     @field_validator("tasks")
@@ -191,7 +201,8 @@ class VariantRef(PluginRef):
 class Output(_Strict):
     # validated on assignment too: `unmerge run --output-dir` sets dir, and `~` is expanded there as well
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
-    dir: str = Field("runs", min_length=1)
+    dir: str = Field("runs", min_length=1, description="folder holding runs/<name>/ (relative: to the working "
+                     "directory of `unmerge run`)")
     store: str | None = Field(None, min_length=1, description="artifact store shared by several manifests "
                                                              "(default: the run directory)")
 
@@ -232,23 +243,28 @@ class ManifestFile(_Strict):
     """The top level of a manifest file."""
 
     name: str | None = Field(None, description="run directory name: letters, digits, '.', '_', '-'")
-    description: str = ""
-    seed: int = Field(42, ge=0, lt=2**63)
-    registry: str | None = Field(None, min_length=1)
-    requires: list[str] = Field(default_factory=list)
-    tasks: TaskSelection
-    protocol: Protocol = Field(default_factory=Protocol)
-    trainer: PluginRef
-    variants: list[VariantRef] = Field(default_factory=list, max_length=MAX_PLUGINS)
+    description: str = Field("", description="free text, kept in run.json")
+    seed: int = Field(42, ge=0, lt=2**63, description="every random choice of the run derives from it")
+    registry: str | None = Field(None, min_length=1, description="task registry file, relative to the manifest "
+                                 "(default: the shipped registry.toml)")
+    requires: list[str] = Field(default_factory=list, description="Python requirements (PEP 508, e.g. a plugin "
+                                "package 'unmerge-foo>=1.2') checked before anything runs")
+    tasks: TaskSelection = Field(description="the [tasks] table")
+    protocol: Protocol = Field(default_factory=Protocol, description="the [protocol] table")
+    trainer: PluginRef = Field(description="the trainer of the dictionary's (and the unknown tasks') adapters")
+    variants: list[VariantRef] = Field(default_factory=list, max_length=MAX_PLUGINS, description="other trainings "
+                                       "of some tasks, each by its own trainer ([[variants]] tables)")
     merger: PluginRef | list[PluginRef] = Field(
         description="one merger ([merger]) or several ([[merger]]): each protocol method is made by the one "
                     "merger that offers it")
-    masker: PluginRef
-    decomposers: list[DecomposerRef] = Field(min_length=1, max_length=MAX_PLUGINS)
+    masker: PluginRef = Field(description="the masker: which coordinates of ΔW the decomposers see")
+    decomposers: list[DecomposerRef] = Field(min_length=1, max_length=MAX_PLUGINS, description="the decomposers "
+                                             "compared ([[decomposers]] tables)")
     metrics: list[PluginRef] = Field(default_factory=lambda: [PluginRef(plugin=n) for n in DEFAULT_METRICS],
-                                     max_length=MAX_PLUGINS)
-    output: Output = Field(default_factory=Output)
-    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+                                     max_length=MAX_PLUGINS, description="the metrics scored per target and "
+                                     "decomposer ([[metrics]] tables)")
+    output: Output = Field(default_factory=Output, description="the [output] table")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="the [executor] table")
     base: str | None = Field(None, min_length=1, description="base model directory, for full-model [[targets]] and merge methods defined on full "
                                                                "weights (default: the model the adapters name)")
     targets: list[ExternalTarget] = Field(default_factory=list, max_length=MAX_TASKS,

@@ -50,8 +50,8 @@ class TruthSpec(StrictNumbers):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tasks: list[str] = Field(min_length=1)
-    weights: list[Weight]
+    tasks: list[str] = Field(min_length=1, description="the target's constituent tasks (registry names)")
+    weights: list[Weight] = Field(description="their merge weights, in the same order")
 
     @model_validator(mode="after")
     def _aligned(self) -> TruthSpec:
@@ -70,10 +70,12 @@ class ExternalTarget(StrictNumbers):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: str
-    kind: TargetKind = "auto"
-    name: str | None = None
-    truth: TruthSpec | None = None
+    path: str = Field(description="a model or adapter folder (relative to the manifest), a .gguf file, or a "
+                      "Hub id owner/name[@revision]")
+    kind: TargetKind = Field("auto", description="model, adapter, or auto (decided from the folder's files)")
+    name: str | None = Field(None, description="the target's name in results (default: the folder's name)")
+    truth: TruthSpec | None = Field(None, description="its ground truth, {tasks = [...], weights = [...]}, for "
+                                    "the truth metrics")
 
     @property
     def display_name(self) -> str:
