@@ -55,18 +55,22 @@ def render() -> str:
     return "\n".join(parts) + "\n"
 
 
-def main(argv: list[str]) -> int:
-    text = render()
+def write_page(page: Path, text: str, argv: list[str]) -> int:
+    """Write ``text`` to ``page`` when it differs; with ``--check`` in ``argv`` only say whether it is stale
+    (exit status 1). Shared by the docs generators."""
+    stale = not page.exists() or page.read_text() != text
     if "--check" in argv:
-        if not PAGE.exists() or PAGE.read_text() != text:
-            print(f"{PAGE} is stale: run make docs (or python docs/gen_cli.py)", file=sys.stderr)
-            return 1
-        return 0
-    if not PAGE.exists() or PAGE.read_text() != text:
-        PAGE.write_text(text)
-        print(f"wrote {PAGE}")
+        if stale:
+            print(f"{page} is stale: run make docs", file=sys.stderr)
+        return int(stale)
+    if stale:
+        page.write_text(text)
+        print(f"wrote {page}")
     return 0
 
+
+def main(argv: list[str]) -> int:
+    return write_page(PAGE, render(), argv)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

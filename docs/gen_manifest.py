@@ -59,17 +59,10 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        if not PAGE.exists() or PAGE.read_text() != text:
-            print(f"{PAGE} is stale: run make docs (or python docs/gen_manifest.py)", file=sys.stderr)
-            return 1
-        return 0
-    if not PAGE.exists() or PAGE.read_text() != text:
-        PAGE.write_text(text)
-        print(f"wrote {PAGE}")
-    return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gen_cli import write_page
 
+    return write_page(PAGE, render(), argv)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -162,6 +162,22 @@ TASK_ARITHMETIC_METHODS = {"task_arithmetic": False, "ties": True, "dare_ties": 
                            "breadcrumbs": False, "breadcrumbs_ties": False, "della": True, "della_linear": False}
 
 
+
+def load_recipe_file(path: Path, where: str, missing: str) -> dict[str, Any]:
+    """A mergekit YAML recipe as a mapping; one-line :class:`UnmergeError` for a missing file (``missing``),
+    invalid YAML or a document that is not a mapping (``where`` starts the message)."""
+    import yaml
+
+    if not path.is_file():
+        raise UnmergeError(missing)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UnmergeError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UnmergeError(f"{where}: not a mergekit recipe (a mapping with merge_method and models:)")
+    return data
+
 def read_mergekit_truth(path: Path, atoms: Mapping[str, Path]) -> Truth:
     """Tasks, and the coefficient of each one's task vector in the merged ΔW, from a mergekit YAML.
 
@@ -193,17 +209,8 @@ def read_mergekit_truth(path: Path, atoms: Mapping[str, Path]) -> Truth:
       ``lambda`` or ``normalize`` that is not a plain value (per-layer gradients and filters are not
       read), or weights outside :class:`TruthSpec`'s rules.
     """
-    import yaml
-
-    if not path.is_file():
-        raise UnmergeError(f"--truth: {path}: no such file")
     where = f"--truth {path}"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UnmergeError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UnmergeError(f"{where}: not a mergekit recipe (a mapping with merge_method and models:)")
+    data = load_recipe_file(path, where, missing=f"--truth: {path}: no such file")
     method = data.get("merge_method")
     if method is None:
         raise UnmergeError(f"{where}: merge_method: missing; the truth depends on how the models were merged")

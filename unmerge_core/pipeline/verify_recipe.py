@@ -40,6 +40,7 @@ from unmerge_core.config.targets import (
     _flag,
     _number,
     _parameters,
+    load_recipe_file,
     mergekit_coefficients,
 )
 from unmerge_core.errors import UnmergeError, short_repr
@@ -153,17 +154,8 @@ def read_recipe(path: Path, *, dictionary: Path | None = None, base_override: st
     Raises :class:`UnmergeError` for a file that is not a valid recipe, :class:`CannotCheck` for a
     valid one this version cannot recompute exactly.
     """
-    import yaml
-
-    if not path.is_file():
-        raise UnmergeError(f"recipe {path}: no such file")
     where = f"recipe {path}"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UnmergeError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UnmergeError(f"{where}: not a mergekit recipe (a mapping with merge_method and models:)")
+    data = load_recipe_file(path, where, missing=f"{where}: no such file")
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise UnmergeError(f"{where}: merge_method: missing or not a name (got {short_repr(method)})")
