@@ -31,13 +31,12 @@ BASE_GGUF = ROOT / ".real" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MERGE = {"chat-json-person": 0.6, "chat-pirate": 0.4, "chat-formal": 0.5}  # the last one is not a known skill
 
 
-QUIET = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
-"""mergekit's transformers progress bars and deprecation warnings, kept out of the example's output."""
-
-
 def run(command: list[str]) -> None:
+    from unmerge_core.quiet import QUIET_ENVIRONMENT
+
     print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
-    done = subprocess.run(command, env={**os.environ, **QUIET})
+    # mergekit's transformers progress bars and deprecation warnings kept out of the example's output
+    done = subprocess.run(command, env={**os.environ, **QUIET_ENVIRONMENT, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
         raise SystemExit(done.returncode)
 
