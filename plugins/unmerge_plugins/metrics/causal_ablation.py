@@ -20,10 +20,10 @@ the tokenizer has one) are answered by greedy decoding and judged by the skill's
 (``lib/tasks/checkers.py``, :mod:`unmerge_plugins.lib.generation`); the verdict is :func:`judge_checker`:
 confirmed when the skill's checker score drops by at least ``min_drop``, an exact one-sided McNemar test
 over the prompts that flipped says the drop is real (``p < alpha``), and every other skill's score holds
-(drops by at most ``hold_tolerance``) — every other skill but the *transferred* ones, which the target does
+(drops by at most ``hold_tolerance``, or by at least ``min_drop`` less than the own skill) — every other skill but the *transferred* ones, which the target does
 better than the base although nothing of theirs is attributed (:func:`transferred_skills`; listed per
-edit in ``others_transferred``, with every other skill that dropped in ``others_dropped``). ``score = "checker"`` with a skill that has no checker is an error
-naming those skills; ``auto`` then falls back to ``loss``. Nothing is teacher-forced then (exact match is
+edit in ``others_transferred``, with every other skill that dropped in ``others_dropped``).
+``score = "checker"`` with a skill that has no checker is an error naming those skills; ``auto`` then falls back to ``loss``. Nothing is teacher-forced then (exact match is
 read from the greedy answers), and after an edit only the edit's own skill and the skills the target does
 (checker score above 0 before the edit) are answered again: a skill at 0 cannot drop.
 
