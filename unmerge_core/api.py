@@ -22,7 +22,6 @@ imports the submodule.)
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,17 +38,7 @@ __all__ = ["AttributionResult", "DecomposerResult", "RunResult", "SkillResult", 
 
 
 def _plain(value: Any) -> Any:
-    """JSON types (NaN and infinities -> None, paths -> str, tuples -> lists)."""
-    if value is None or isinstance(value, (bool, str, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+    """JSON types (NaN and infinities -> None, paths -> str, tuples -> lists): the store's own rule."""
     from unmerge_core.io.store import to_jsonable
 
     return to_jsonable(value)
