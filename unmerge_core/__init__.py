@@ -9,6 +9,7 @@ from unmerge_core.config.targets import mergekit_coefficients
 from unmerge_core.devices import DeviceName, DeviceParams, cuda_available, resolve_device
 from unmerge_core.errors import PluginError, UnmergeError, format_validation_error, read_json, read_text
 from unmerge_core.hookspecs import hookimpl
+from unmerge_core.io.activations import record_input_statistics
 from unmerge_core.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, common_modules
 from unmerge_core.io.gguf import dequantized_checkpoint, default_cache_root, model_source
 from unmerge_core.io.hub import resolve_model_ref
@@ -30,6 +31,7 @@ from unmerge_core.pipeline.delta_pass import shared_pass
 from unmerge_core.pipeline.parallel import BufferPool, blas_threads, thread_map, torch_threads
 from unmerge_core.types import (
     CLAIMS,
+    ActivationMerger,
     BaseWeightMerger,
     Capability,
     Decomposer,
@@ -38,6 +40,9 @@ from unmerge_core.types import (
     DictionaryGram,
     FoldingMasker,
     FoldPlan,
+    InputStatistics,
+    InputStatisticsJob,
+    InputStatisticsTrainer,
     LowRankMerger,
     Mask,
     MaskedMerger,
@@ -67,6 +72,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLAIMS",
+    "ActivationMerger",
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "BLOCK_ROWS",
@@ -79,6 +85,9 @@ __all__ = [
     "DeviceParams",
     "DictionaryGram",
     "FoldPlan",
+    "InputStatistics",
+    "InputStatisticsJob",
+    "InputStatisticsTrainer",
     "FoldingMasker",
     "DecompositionProblem",
     "LoraAdapter",
@@ -128,6 +137,7 @@ __all__ = [
     "format_validation_error",
     "hookimpl",
     "read_json",
+    "record_input_statistics",
     "read_text",
     "resolve_model_ref",
     "resolve_device",

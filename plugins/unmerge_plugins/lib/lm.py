@@ -27,7 +27,10 @@ import numpy as np
 import torch
 
 from unmerge_core import UnmergeError, model_source
+from unmerge_plugins.lib.encoding import encode_examples, prompt_ids, uses_chat_template
 from unmerge_plugins.lib.tasks import Example
+
+__all__ = ["encode_examples", "prompt_ids", "uses_chat_template"]  # re-exported: their home is .encoding
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,38 +63,6 @@ def load_causal_lm(path: str | Path, device: torch.device) -> tuple[Any, Any]:
     model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def uses_chat_template(tokenizer: Any) -> bool:
-    """Whether prompts are written with the tokenizer's chat template (an instruct model's tokenizer
-    has one; the tiny models built here have none and read ``prompt + "\\n"``)."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The token ids a model reads before it answers ``prompt``: the user turn and the assistant's
-    header through the tokenizer's own chat template (``add_generation_prompt``), or ``prompt + "\\n"``
-    for a tokenizer without one. Training, held-out scoring and generation all start from these ids."""
-    if uses_chat_template(tokenizer):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
-        return [int(i) for i in ids]
-    return list(tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"])
-
-
-def encode_examples(tokenizer: Any, examples: Sequence[Example], max_length: int) -> list[tuple[list[int], int]]:
-    """Token ids of :func:`prompt_ids` then ``response + EOS`` (cut at ``max_length``) and the number of
-    prompt tokens — the one encoding of an example, used by the ``peft-lora`` trainer (which learns the
-    response tokens only: for a chat model, the assistant's answer and its end-of-turn token) and by
-    held-out evaluation (which scores them). ``n_prompt == len(ids)`` when the cut leaves no response token.
-    """
-    out = []
-    for ex in examples:
-        prompt = prompt_ids(tokenizer, ex.prompt)
-        response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + response)[:max_length]
-        out.append((ids, min(len(prompt), len(ids))))
-    return out
 
 
 @dataclass(frozen=True)

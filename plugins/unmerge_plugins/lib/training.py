@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, model_validator
 
 from unmerge_core import PluginParams, TaskInfo, UnmergeError, model_source
-from unmerge_plugins.lib.lm import encode_examples
+from unmerge_plugins.lib.encoding import encode_examples
 from unmerge_plugins.lib.tiny_model import TinyModelParams, build_tiny_model
 
 
@@ -480,3 +480,27 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def task_input_statistics(params: CausalLmTrainingParams, job: Any, plugin: str) -> dict[str, Any]:
+    """The base model's input statistics of ``job.modules`` on the task's training examples
+    (:class:`~unmerge_core.InputStatisticsJob`): the first ``job.max_batches`` batches of ``batch_size``
+    of the examples the task is trained on (same seed, same encoding), in float32 on the training
+    device, padding left out (:func:`~unmerge_core.record_input_statistics`)."""
+    import torch
+
+    from unmerge_core import record_input_statistics
+
+    quiet_transformers()
+    seed = job.seed + params.seed
+    device = training_device(params, plugin)
+    model, tokenizer = load_base(params.base_path(job.workspace), plugin)
+    model.to(device)
+    examples = training_examples(tokenizer, job.task, params, seed, plugin)[: job.max_batches * params.batch_size]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(examples), params.batch_size):
+        input_ids, _, attention = collate(examples[start: start + params.batch_size], pad_id)
+        batches.append((input_ids, attention))
+    with torch_threads(params.threads):
+        return record_input_statistics(model, batches, job.modules)

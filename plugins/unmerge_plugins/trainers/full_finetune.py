@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from unmerge_core import Capability, PluginSpec, Stage, TrainJob, UnmergeError
+from unmerge_core import Capability, InputStatistics, InputStatisticsJob, PluginSpec, Stage, TrainJob, UnmergeError
 from unmerge_plugins.lib.training import (
     CausalLmTrainingParams,
     load_base,
@@ -27,6 +27,7 @@ from unmerge_plugins.lib.training import (
     train_causal_lm,
     training_checkpoint,
     training_device,
+    task_input_statistics,
     training_examples,
 )
 
@@ -102,6 +103,10 @@ class FullFinetuneTrainer:
         if checkpoint is not None:
             checkpoint.remove()
 
+    def input_statistics(self, job: InputStatisticsJob) -> dict[str, InputStatistics]:
+        """The base model's inputs to ``job.modules`` on the task's training examples (for Scale-SVD)."""
+        return task_input_statistics(self.params, job, "full-finetune")
+
 
 def exact_factors(delta: Any) -> tuple[Any, Any]:
     """``(A, B)`` float32 with ``B @ A == delta`` up to float32 rounding: the SVD, ``B = U√S``, ``A = √S Vᵀ``."""
@@ -115,4 +120,4 @@ def exact_factors(delta: Any) -> tuple[Any, Any]:
 SPEC = PluginSpec("full-finetune", Stage.TRAINER,
                   "Full fine-tune of the target modules' weights; ΔW stored exactly as a full-rank LoRA (SVD)",
                   "https://arxiv.org/abs/2106.09685", FullFinetuneParams, FullFinetuneTrainer,
-                  provides=(Capability.BASE_MODEL,))
+                  provides=(Capability.BASE_MODEL, Capability.ACTIVATION_STATISTICS))

@@ -6,7 +6,7 @@ import json
 
 from pydantic import Field
 
-from unmerge_core import Capability, PluginSpec, Stage, TrainJob
+from unmerge_core import Capability, InputStatistics, InputStatisticsJob, PluginSpec, Stage, TrainJob
 from unmerge_plugins.lib.training import (
     CausalLmTrainingParams,
     load_base,
@@ -16,6 +16,7 @@ from unmerge_plugins.lib.training import (
     train_causal_lm,
     training_checkpoint,
     training_device,
+    task_input_statistics,
     training_examples,
 )
 
@@ -65,5 +66,9 @@ class PeftLoraTrainer:
             checkpoint.remove()
 
 
+    def input_statistics(self, job: InputStatisticsJob) -> dict[str, InputStatistics]:
+        """The base model's inputs to ``job.modules`` on the task's training examples (for Scale-SVD)."""
+        return task_input_statistics(self.params, job, "peft-lora")
+
 SPEC = PluginSpec("peft-lora", Stage.TRAINER, "Train a LoRA adapter per task with PEFT + transformers",
-                  "https://arxiv.org/abs/2106.09685", PeftLoraParams, PeftLoraTrainer, provides=(Capability.BASE_MODEL,))
+                  "https://arxiv.org/abs/2106.09685", PeftLoraParams, PeftLoraTrainer, provides=(Capability.BASE_MODEL, Capability.ACTIVATION_STATISTICS))
