@@ -80,12 +80,55 @@ def test_swapped_weights_do_not_match(world, tmp_path, capsys) -> None:
     wrong = write(tmp_path / "wrong.yml", recipe_of(world["base"], {world["one"]: 0.4, world["two"]: 0.6}))
     out = tmp_path / "v.json"
     rc, stdout, _ = cli(capsys, world["merged32"], wrong, "--json", out)
-    assert rc == 1
+    assert rc == 1 and "best explanation: coefficients 0.6/0.4 of one/two (a weighted sum) fit with relative " \
+        "residual" in stdout and "the recipe says 0.4/0.6" in stdout
     assert stdout.startswith("does not match: ") and "2 of 2 modules differ beyond rounding; worst: model.layers.0" \
         in stdout
     data = json.loads(out.read_text())
     assert data["verdict"] == "does not match" and data["relative_error"] > 0.05
     assert data["modules_not_matching"] == 2 and len(data["worst_modules"]) == 2
+    explanation = data["explanation"]
+    assert explanation["best"] == "refitted weights" and explanation["explained"] is True
+    refit = explanation["candidates"][0]
+    assert refit["relative_residual"] < 1e-5 and abs(refit["coefficients"]["one"] - 0.6) < 1e-5
+
+
+def test_a_missing_constituent_and_another_method_are_named(world, tmp_path) -> None:
+    """With --dictionary, a recipe that leaves a constituent out is explained by that adapter; a ties recipe
+    for the task-arithmetic model is explained by the weighted sum (another method: task_arithmetic)."""
+    only = write(tmp_path / "only.yml", recipe_of(world["base"], {world["one"]: 0.6}))
+    result = verify_recipe(world["merged32"], only, dictionary=world["one"].parent)
+    assert result.verdict == "does not match"
+    e = result.details["explanation"]
+    assert e["best"] == "constituent missing" and e["explained"] and "two is missing" in e["line"]
+    ties = write(tmp_path / "ties.yml", recipe_of(world["base"], {world["one"]: 0.6, world["two"]: 0.4},
+                                                  method="ties", density=0.5, normalize=False))
+    e = verify_recipe(world["merged32"], ties).details["explanation"]
+    assert e["explained"] and e["best"] in ("refitted weights", "another method")
+    kinds = {c.get("method") for c in e["candidates"] if c["kind"] == "another method" and c["relative_residual"] < 1e-5}
+    assert "task_arithmetic" in kinds
+
+
+@pytest.mark.parametrize("method,parameters", [("breadcrumbs", {"density": 0.5, "gamma": 0.05}),
+                                               ("slerp", {}), ("model_stock", {}), ("karcher", {})])
+def test_other_deterministic_methods_are_recomputed(world, tmp_path, method, parameters) -> None:
+    """A merge made by mergekit's own CLI matches its recipe; the task-arithmetic model does not."""
+    weights = {world["one"]: 0.6, world["two"]: 0.4}
+    recipe = recipe_of(world["base"], weights, method=method, **parameters)
+    if method == "slerp":  # mergekit's form: base_model is the first of the two models, t from parameters
+        recipe["base_model"] = recipe["models"][0]["model"]
+        recipe["parameters"] = {"t": 0.4}
+        for m in recipe["models"]:
+            del m["parameters"]
+    if method == "karcher":
+        del recipe["base_model"]
+        for m in recipe["models"]:
+            del m["parameters"]
+    path = write(tmp_path / f"{method}.yml", recipe)
+    merged = mergekit(path, tmp_path / method, world["root"] / "cache")
+    result = verify_recipe(merged, path, base=str(world["base"]) if method == "karcher" else None)
+    assert result.verdict == "matches", result.line
+    assert verify_recipe(world["merged32"], path, base=str(world["base"])).verdict == "does not match"
 
 
 def test_bfloat16_tolerance_comes_from_rounding(world, tmp_path) -> None:
@@ -129,18 +172,35 @@ def test_ties_is_recomputed_by_the_merger_plugin(world, tmp_path) -> None:
     assert result.details["parameters"]["density"] == 0.5 and result.details["parameters"]["normalize"] is True
 
 
-def test_random_methods_cannot_be_checked(world, tmp_path, capsys) -> None:
+def test_random_methods_without_a_seed_get_a_statistical_check(world, tmp_path, capsys) -> None:
+    """DARE without unmerge.seed: never "matches"; the task-arithmetic model is rejected by the statistical
+    check (its coordinates are no rescaled drop), a DARE merge made by mergekit is consistent with it;
+    DELLA without a seed cannot be checked."""
     dare = write(tmp_path / "dare.yml", recipe_of(world["base"], {world["one"]: 0.6, world["two"]: 0.4},
                                                   method="dare_ties", density=0.5))
     out = tmp_path / "v.json"
     rc, stdout, _ = cli(capsys, world["merged32"], dare, "--json", out)
-    assert rc == 2 and stdout.startswith("cannot check exactly: dare_ties drops entries at random")
+    assert rc == 1 and stdout.startswith("does not match: ") and "statistical check of dare_ties" in stdout
     assert stdout.count("\n") == 1
     data = json.loads(out.read_text())
-    assert data["verdict"] == "cannot check exactly" and data["exact_methods"] == list(EXACT_METHODS)
-    slerp = write(tmp_path / "slerp.yml", recipe_of(world["base"], {world["one"]: 0.6, world["two"]: 0.4},
-                                                    method="slerp"))
-    assert "slerp is not checked in this version" in verify_recipe(world["merged32"], slerp).line
+    assert data["check"] == "statistical" and data["explained_share"] < 0.5
+    merged = mergekit(dare, tmp_path / "dare", world["root"] / "cache")
+    result = verify_recipe(merged, dare)
+    assert result.verdict == "cannot check exactly", result.line
+    assert result.details["explained_share"] > 0.95 and "consistent with the recipe" in result.line
+    della = write(tmp_path / "della.yml", recipe_of(world["base"], {world["one"]: 0.6, world["two"]: 0.4},
+                                                    method="della", density=0.5))
+    assert "no statistical check of della" in verify_recipe(world["merged32"], della).line
+
+
+def test_unknown_method_and_other_base_are_errors(world, tmp_path, capsys) -> None:
+    bad = write(tmp_path / "bad.yml", recipe_of(world["base"], {world["one"]: 0.6}, method="tiess"))
+    rc, _, err = cli(capsys, world["merged32"], bad)
+    assert rc == 2 and "unknown method 'tiess'" in err and "did you mean 'ties'" in err and err.count("\n") == 1
+    other = tiny_base(tmp_path / "other", hidden=32, layers=1)
+    capsys.readouterr()
+    rc, _, err = cli(capsys, world["merged32"], world["true32"], "--base", other)
+    assert rc == 2 and "the recipe is for another base" in err and err.count("\n") == 1
 
 
 def test_change_outside_the_merged_modules_does_not_match(world, tmp_path) -> None:
