@@ -142,7 +142,6 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from unmerge_core.config.manifest import load_manifest
     from unmerge_core.pipeline.runner import Runner
-    from unmerge_core.report.tables import format_table
 
     manifest = load_manifest(args.manifest)
     if args.output_dir:
@@ -156,8 +155,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         manifest.file.output.dir = args.output_dir
     print(f"unmerge: running {manifest.name} -> {manifest.run_dir}", file=sys.stderr)
     result = Runner(manifest, progress=progress_mode(args.no_progress), plots=not args.no_plots, redo=args.redo).run()
-    print(format_table(compact(result.table.summary())))
-    print()
+    print(screen_table(result.table.summary(("decomposer", "group"))))
+    print("(means over each group's targets, all merge methods; per method and every column: summary.md)\n")
     timing_rows = [[t.stage, f"{t.seconds:.1f}", f"{t.cpu_seconds:.1f}", f"{t.peak_rss_mb:.0f}", t.jobs, t.reused]
                    for t in result.timings]
     print(tabulate(timing_rows, headers=["stage", "wall s", "cpu s", "peak RSS MB", "jobs", "reused"],
@@ -166,13 +165,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-SCREEN_COLUMNS = ("decomposer", "group", "method", "n", "precision", "recall", "perfect_match", "rank_auc", "sparsity",
-                  "recon_error", "ood_flag", "not_explained", "causal_confirmed")
+SCREEN_COLUMNS = ("decomposer", "group", "method", "n", "precision", "recall", "perfect_match", "sparsity",
+                  "recon_error", "not_explained", "ood_flag", "causal_confirmed", "rank_auc")
+"""The columns ``unmerge run`` prints, most important first (``method`` only in a per-method table)."""
+SCREEN_WIDTH = 100
 
 
 def compact(records: list[dict[str, object]]) -> list[dict[str, object]]:
     """The columns that fit a terminal; summary.md / summary.csv keep every metric."""
     return [{k: r[k] for k in SCREEN_COLUMNS if k in r} for r in records]
+
+
+def screen_table(records: list[dict[str, object]], width: int = SCREEN_WIDTH) -> str:
+    """The summary table ``unmerge run`` prints: :data:`SCREEN_COLUMNS`, two decimals, headers broken at
+    ``_`` onto two lines, columns dropped from the right (least important first) until it fits ``width``."""
+    import tabulate as tabulate_module
+
+    rows = compact(records)
+    columns = list(rows[0]) if rows else []
+    if not rows:
+        return "(no results)"
+
+    def cell(value: object) -> str:
+        return "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    saved, tabulate_module.MIN_PADDING = tabulate_module.MIN_PADDING, 0  # headers as wide as their words
+    try:
+        while True:
+            text = tabulate([[cell(r[k]) for k in columns] for r in rows],
+                            headers=[k.replace("_", "\n", 1) for k in columns], disable_numparse=True)
+            if len(columns) <= 3 or max(map(len, text.splitlines())) <= width:
+                return text
+            columns.pop()
+    finally:
+        tabulate_module.MIN_PADDING = saved
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -283,6 +309,10 @@ def _add_attribute_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
                    help="ground truth from a mergekit YAML models: list (repeatable, one per target)")
     p.add_argument("--truth-json", action="append", metavar="[TARGET=]JSON",
                    help='ground truth {"tasks": [...], "weights": [...]} inline or as a file')
+    p.add_argument("--emit-recipe", metavar="FILE",
+                   help="write the recovered recipe as a mergekit YAML (task_arithmetic of the attributed adapters "
+                        "with their coefficients; needs --base); several targets: FILE-NAME.yml each; check it "
+                        "with unmerge verify-recipe")
     p.add_argument("--support-threshold", type=float, default=1e-3,
                    help="|coefficient| above this is attributed, for decomposers without their own support")
     p.add_argument("--ood-threshold", type=float, default=0.5,
@@ -447,6 +477,7 @@ def request_from_args(args: Any) -> AttributeRequest:
         verify=args.verify, registry=Path(args.registry) if args.registry else None,
         task_names=dict(_pairs(args.task, "--task")),
         task_data={k: Path(v) for k, v in _pairs(args.task_data, "--task-data")},
+        emit_recipe=Path(args.emit_recipe).expanduser() if args.emit_recipe else None,
     )
 
 
