@@ -86,6 +86,18 @@ def unmerge_trainers() -> list[PluginSpec]:
         ``provides=(Capability.BASE_MODEL,)``: metrics that need the model (``causal-ablation``)
         are only allowed with such trainers.
 
+        **Optional: input statistics** (:class:`~unmerge_core.InputStatisticsTrainer`), for mergers
+        that scale task vectors by activations (``scale-svd``)::
+
+            def input_statistics(self, job: InputStatisticsJob) -> Mapping[str, InputStatistics]
+
+        Load the base model the adapters are trained on, run it on the first ``job.max_batches``
+        batches of the examples ``train`` would use for ``job.task`` with ``job.seed``, and return
+        :func:`~unmerge_core.record_input_statistics` of ``job.modules`` (every one of them). Declare
+        ``Capability.ACTIVATION_STATISTICS`` in ``provides``; the runner calls it once per task and
+        batch count, caches the result (keyed by the trainer's configuration, the task, the seed, the
+        modules and the batch count) and checks it (a module missing, a wrong width, NaN: one line).
+
     Example::
 
         import json
@@ -280,6 +292,22 @@ def unmerge_mergers() -> list[PluginSpec]:
 
         A run whose trainer provides no base model (``synthetic``) refuses these methods at
         ``unmerge validate``.
+
+        **Optional activation-scaled methods** (:class:`~unmerge_core.ActivationMerger`, all three
+        members or none), for methods that scale each task vector by its task's input statistics
+        (Scale-SVD / OATS)::
+
+            activation_methods: Collection[str]     # may be empty (e.g. set to uniform scaling)
+            activation_batches: int                 # trainer batches per task to record
+            def merge_module_scaled(self, job: MergeJob, module: str, deltas: Sequence[torch.Tensor],
+                                    inputs: Sequence[InputStatistics]) -> torch.Tensor
+
+        ``inputs[i]`` is what the base model's ``module`` received on constituent ``job.tasks[i]``'s
+        training data (:class:`~unmerge_core.InputStatistics`: sums of x and x² per input feature over
+        the tokens). The runner records them through the trainer's ``input_statistics`` before the
+        targets are merged; every module of every constituent has them, or the target is an error
+        naming the module. A manifest whose trainer does not declare
+        ``Capability.ACTIVATION_STATISTICS`` is refused at ``unmerge validate`` for these methods.
 
         **Optional checks**, each used when present: ``method_tasks(method) -> (min, max | None)``
         (how many constituents a method takes — targets of that method draw their count from the

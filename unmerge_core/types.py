@@ -96,6 +96,11 @@ class Capability(str, Enum):
     """Examples of every task of the run (the registry's data sources)."""
     CONSTITUENT_VECTORS = "constituent-vectors"
     """Masked task vectors of every constituent of a target, including those outside the dictionary."""
+    ACTIVATION_STATISTICS = "activation-statistics"
+    """Per-input-feature statistics of the base model's inputs to every adapted linear module, on each
+    task's own training data (:class:`InputStatistics`); provided by trainers that implement
+    :class:`InputStatisticsTrainer` on a real base model. Needed by mergers with ``activation_methods``
+    (:class:`ActivationMerger`)."""
     TARGET_DELTAS = "target-deltas"
     """Each target's full ΔW, module by module (:meth:`RunContext.target_deltas`): made again by the run's
     merger for the targets a run made, read from the files for existing models (``unmerge attribute
@@ -545,6 +550,82 @@ class BaseWeightMerger(Merger, Protocol):
                              base: torch.Tensor) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class InputStatistics:
+    """What one linear module of the base model received as input on one task's training data.
+
+    Sums over every non-padding token of the batches (float64, one entry per input feature), so two
+    sets of batches combine by adding them. Any statistic a method scales by follows from them; a
+    constant factor (sum or mean) makes no difference to a method that scales and unscales.
+
+    Attributes:
+        count: Tokens seen.
+        total: Σ x over the tokens, shape ``(in,)``.
+        squares: Σ x² over the tokens, shape ``(in,)`` (OATS's squared column norms of the inputs).
+    """
+
+    count: int
+    total: torch.Tensor
+    squares: torch.Tensor
+
+    def second_moment(self) -> torch.Tensor:
+        """E[x²] per input feature: the squared L2 norm of each input column over the tokens, divided by their count."""
+        return self.squares / max(self.count, 1)
+
+    def variance(self) -> torch.Tensor:
+        """E[(x − E[x])²] per input feature (clipped at zero against rounding)."""
+        mean = self.total / max(self.count, 1)
+        return (self.second_moment() - mean * mean).clamp_min(0.0)
+
+
+@dataclass(frozen=True)
+class InputStatisticsJob:
+    """One unit of work for an :class:`InputStatisticsTrainer`: record a task's inputs on the base model.
+
+    Attributes:
+        task: Whose training data to run through the base model.
+        seed: The seed the trainer trains this task with (:attr:`TrainJob.seed`), so the examples are
+            the ones the adapter was trained on.
+        workspace: The trainer's workspace (:attr:`TrainJob.workspace`).
+        modules: The linear modules to record, by the names adapters use (``model.layers.0.self_attn.q_proj``).
+        max_batches: At most this many of the trainer's batches (of its own batch size).
+    """
+
+    task: TaskInfo
+    seed: int
+    workspace: Path
+    modules: tuple[str, ...]
+    max_batches: int
+
+
+@runtime_checkable
+class InputStatisticsTrainer(Protocol):
+    """A trainer that can run its base model on a task's training data and record the inputs of linear
+    modules (with :func:`unmerge_core.io.activations.record_input_statistics`); declares
+    ``provides=(Capability.ACTIVATION_STATISTICS, ...)``. Must return an entry for every module asked for."""
+
+    def train(self, job: TrainJob) -> None: ...
+
+    def input_statistics(self, job: InputStatisticsJob) -> Mapping[str, InputStatistics]: ...
+
+
+@runtime_checkable
+class ActivationMerger(Merger, Protocol):
+    """A merger with methods that scale each task vector by its task's input statistics (Scale-SVD, OATS).
+
+    ``activation_methods`` may depend on the parameters (empty when the merger is set to uniform
+    scaling); ``activation_batches`` is how many of the trainer's batches per task to record. The core
+    computes the statistics once per (base, task, batches), caches them, and calls
+    ``merge_module_scaled`` with one :class:`InputStatistics` per constituent for every module — a
+    module without statistics is an error naming it, never a fallback to uniform scaling."""
+
+    activation_methods: Collection[str]
+    activation_batches: int
+
+    def merge_module_scaled(self, job: MergeJob, module: str, deltas: Sequence[torch.Tensor],
+                            inputs: Sequence[InputStatistics]) -> torch.Tensor: ...
+
+
 @runtime_checkable
 class LowRankMerger(Merger, Protocol):
     """A merger with methods computed from the constituents' low-rank factors, gathered at the mask."""
@@ -689,5 +770,6 @@ OPTIONAL_MERGER_PARTS: dict[str, tuple[str, ...]] = {
     "fast merge path": MASKED_MERGER_MEMBERS,
     "low-rank path": ("lowrank_methods", "merge_lowrank"),
     "full-weight methods": ("base_methods", "merge_module_on_base"),
+    "activation-scaled methods": ("activation_methods", "activation_batches", "merge_module_scaled"),
 }
 """Each optional part of the merger contract and its members: a merger has all of a part's members or none."""

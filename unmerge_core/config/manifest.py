@@ -614,7 +614,7 @@ def _count_phrase(lo: int, hi: int | None) -> str:
 def _check_methods(path: Path, file: ManifestFile, mergers: list[ResolvedPlugin], trainer: ResolvedPlugin | None,
                    errors: list[str], manager: PluginManager) -> None:
     """Each protocol method is offered by exactly one merger, takes the protocol's task counts, and has
-    the base weights it needs."""
+    the base weights and input statistics it needs."""
     proto = file.protocol
     offered: dict[str, list[ResolvedPlugin]] = {}
     for plugin in mergers:
@@ -668,6 +668,12 @@ def _check_methods(path: Path, file: ManifestFile, mergers: list[ResolvedPlugin]
                 and Capability.BASE_MODEL not in trainer.spec.provides:
             errors.append(f"{where}: {method} is defined on full weights and needs the base model's weights "
                           f"(merger '{plugin.label}'), which trainer '{trainer.spec.name}' does not provide")
+        if method in getattr(merger, "activation_methods", ()) and trainer is not None \
+                and Capability.ACTIVATION_STATISTICS not in trainer.spec.provides:
+            errors.append(f"{where}: {method} (merger '{plugin.label}') scales each task vector by the base model's "
+                          f"input statistics on the task's training data, which trainer '{trainer.spec.name}' cannot "
+                          "record (no base model or no training data); set scaling = \"uniform\" in the merger's "
+                          "params for the unscaled variant")
 
 
 def _check_requirements(path: Path, requires: list[str], errors: list[str]) -> None:

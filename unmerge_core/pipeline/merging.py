@@ -41,7 +41,15 @@ from unmerge_core.io.lowrank import BLOCK_ROWS, LowRankDelta
 from unmerge_core.io.masks import load_mask
 from unmerge_core.io.store import ArtifactStore, atomic_save_tensors, atomic_write_json, content_key, load_tensors
 from unmerge_core.pipeline.parallel import BufferPool, thread_map
-from unmerge_core.types import BaseWeightMerger, LowRankMerger, Mask, MaskedMerger, MergeJob
+from unmerge_core.types import (
+    ActivationMerger,
+    BaseWeightMerger,
+    InputStatistics,
+    LowRankMerger,
+    Mask,
+    MaskedMerger,
+    MergeJob,
+)
 
 STATISTICS_FILE = "statistics.json"
 VALUES_FILE = "masked_values.safetensors"
@@ -55,6 +63,15 @@ def supports_lowrank(merger: Any, method: str) -> bool:
 def needs_base_weights(merger: Any, method: str) -> bool:
     """Whether ``method`` is defined on full weights (:class:`BaseWeightMerger`): it gets the base's module."""
     return isinstance(merger, BaseWeightMerger) and method in merger.base_methods
+
+
+def needs_activations(merger: Any, method: str) -> bool:
+    """Whether ``method`` scales task vectors by input statistics (:class:`ActivationMerger`)."""
+    return isinstance(merger, ActivationMerger) and method in merger.activation_methods
+
+
+ModuleInputs = Mapping[str, InputStatistics]
+"""One task's input statistics, by module."""
 
 
 def base_model_path(adapters: Sequence[LoraAdapter], method: str, label: str, base: Path | None = None) -> Path:
@@ -256,22 +273,32 @@ def masked_target(merger: Any, job: MergeJob, mask: Mask, vectors_path: Path,
 
 def dense_target_modules(merger: Any, job: MergeJob, adapters: Sequence[LoraAdapter], modules: Sequence[str],
                          shapes: Mapping[str, tuple[int, int]], label: str = "merger",
-                         base: Path | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                         base: Path | None = None,
+                         inputs: Sequence[ModuleInputs] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The dense route — the one loop that forms a target's full ΔW, module by module.
 
     For each module: every constituent's dense ΔW (zeros where it does not adapt the module), merged
     by ``merger.merge_module`` — or, for a method defined on full weights, by
     ``merger.merge_module_on_base`` with the base model's weight of the module (``base``, else the
-    model the adapters name). One module of every constituent is in memory at a time.
+    model the adapters name); for an activation-scaled method, by ``merger.merge_module_scaled`` with
+    each constituent's input statistics of the module (``inputs``, one mapping per constituent: a
+    module missing from one is an error naming it). One module of every constituent is in memory at a time.
     """
     weights = (BaseWeights(base_model_path(adapters, job.method, label, base))
                if needs_base_weights(merger, job.method) else None)
+    scaled = needs_activations(merger, job.method)
+    if scaled and (inputs is None or len(inputs) != len(adapters)):
+        raise PluginError("merger", label, f"{job.method} scales task vectors by the base model's input statistics, "
+                                           f"and target {job.target_id} was given none")
     for module in modules:
         shape = tuple(shapes[module])
         deltas = [a.delta(module) if module in a.modules else torch.zeros(shape) for a in adapters]
         base_weight = weights.module(module, shape) if weights is not None else None
         with plugin_errors("merger", label):
-            if base_weight is not None:
+            if scaled:
+                assert inputs is not None
+                merged = merger.merge_module_scaled(job, module, deltas, module_inputs(inputs, module, job, shape))
+            elif base_weight is not None:
                 merged = merger.merge_module_on_base(job, module, deltas, base_weight)
             else:
                 merged = merger.merge_module(job, module, deltas)
@@ -280,6 +307,22 @@ def dense_target_modules(merger: Any, job: MergeJob, adapters: Sequence[LoraAdap
             raise PluginError("merger", label, f"returned {got} for {module}, expected a tensor of {shape}")
         del deltas
         yield module, merged
+
+
+def module_inputs(inputs: Sequence[ModuleInputs], module: str, job: MergeJob,
+                  shape: tuple[int, ...]) -> list[InputStatistics]:
+    """Each constituent's input statistics of ``module``; a missing or misshapen entry is an error naming it."""
+    out = []
+    for task, stats in zip(job.tasks, inputs):
+        entry = stats.get(module)
+        if entry is None:
+            raise UnmergeError(f"target {job.target_id}: no input statistics of module {module!r} for task {task} "
+                               "(an activation-scaled merge never falls back to uniform scaling)")
+        if tuple(entry.squares.shape) != (shape[1],):
+            raise UnmergeError(f"target {job.target_id}: input statistics of {module!r} for task {task} have "
+                               f"{tuple(entry.squares.shape)} features, the module takes {shape[1]}")
+        out.append(entry)
+    return out
 
 
 def lowrank_masked_vector(merger: Any, job: MergeJob, adapters: Sequence[LoraAdapter], mask: Mask,
@@ -310,19 +353,23 @@ def lowrank_masked_vector(merger: Any, job: MergeJob, adapters: Sequence[LoraAda
 
 
 def dense_masked_vector(merger: Any, job: MergeJob, adapters: Sequence[LoraAdapter], mask: Mask,
-                        label: str = "merger", base: Path | None = None) -> np.ndarray:
+                        label: str = "merger", base: Path | None = None,
+                        inputs: Sequence[ModuleInputs] | None = None) -> np.ndarray:
     """A target on the mask by the dense route (float64, ``mask.slices()`` order): what the runner does
     for methods without a masked form, and the reference the fast path is compared with."""
     pieces = [merged.reshape(-1).to(torch.float64).numpy()[np.asarray(mask.indices[module], dtype=np.int64)]
-              for module, merged in dense_target_modules(merger, job, adapters, mask.modules, mask.shapes, label, base)]
+              for module, merged in dense_target_modules(merger, job, adapters, mask.modules, mask.shapes, label, base,
+                                                         inputs)]
     return np.concatenate(pieces) if pieces else np.zeros(0)
 
 
 def run_target_deltas(merger: Any, adapter_dirs: Mapping[str, Path], label: str,
-                      job: MergeJob, base: Path | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                      job: MergeJob, base: Path | None = None,
+                      inputs: Mapping[str, ModuleInputs] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every module any constituent of ``job`` adapts, merged densely (what :meth:`RunContext.target_deltas` gives).
 
-    ``adapter_dirs`` maps training names (``task``, or ``task@variant`` for ``job.sources``) to adapters.
+    ``adapter_dirs`` maps training names (``task``, or ``task@variant`` for ``job.sources``) to adapters;
+    ``inputs`` each task's input statistics, for activation-scaled methods.
     """
     names = [f"{t}@{job.source(i)}" if job.source(i) else t for i, t in enumerate(job.tasks)]
     adapters = [LoraAdapter(adapter_dirs[n], n) for n in names]
@@ -330,4 +377,11 @@ def run_target_deltas(merger: Any, adapter_dirs: Mapping[str, Path], label: str,
     for adapter in adapters:
         for module, shape in adapter.shapes.items():
             shapes.setdefault(module, shape)
-    yield from dense_target_modules(merger, job, adapters, list(shapes), shapes, label, base)
+    per_constituent = None
+    if needs_activations(merger, job.method):
+        if inputs is None or any(t not in inputs for t in job.tasks):
+            absent = [t for t in job.tasks if inputs is None or t not in inputs]
+            raise PluginError("merger", label, f"{job.method} needs input statistics of task {absent[0]} for target "
+                                               f"{job.target_id}, and the run has none")
+        per_constituent = [inputs[t] for t in job.tasks]
+    yield from dense_target_modules(merger, job, adapters, list(shapes), shapes, label, base, per_constituent)

@@ -32,7 +32,9 @@ from unmerge_core import __version__
 from unmerge_core.config.manifest import Manifest, ResolvedPlugin
 from unmerge_core.config.targets import manifest_model
 from unmerge_core.errors import PluginError, UnmergeError, plugin_errors
+from unmerge_core.io.activations import check_input_statistics, load_input_statistics, save_input_statistics
 from unmerge_core.io.adapters import LoraAdapter
+from unmerge_core.io.code import module_closure_digest
 from unmerge_core.io.gguf import model_source
 from unmerge_core.io.masks import check_mask, load_mask, masked_vector, save_mask
 from unmerge_core.io.store import (
@@ -58,6 +60,7 @@ from unmerge_core.pipeline.merging import (
     dense_masked_vector,
     lowrank_masked_vector,
     masked_target,
+    needs_activations,
     needs_base_weights,
     needs_statistics,
     run_target_deltas,
@@ -81,6 +84,8 @@ from unmerge_core.report.files import write_results
 from unmerge_core.report.tables import ResultTable
 from unmerge_core.types import (
     FoldingMasker,
+    InputStatisticsJob,
+    InputStatisticsTrainer,
     Mask,
     MergeJob,
     RunContext,
@@ -154,10 +159,57 @@ class RoutedDenseMerge:
     mergers: Mapping[str, ResolvedPlugin]
     adapter_dirs: Mapping[str, Path]
     base_model: Path | None = None
+    # (task, batches) -> that task's input statistics, for activation-scaled methods
+    input_dirs: Mapping[tuple[str, int], Path] = field(default_factory=dict)
 
     def __call__(self, job: MergeJob) -> Iterator[tuple[str, torch.Tensor]]:
         plugin = self.mergers[job.method]
-        return run_target_deltas(plugin.instance(), self.adapter_dirs, plugin.label, job, self.base_model)
+        merger = plugin.instance()
+        inputs = None
+        if needs_activations(merger, job.method):
+            batches = int(merger.activation_batches)
+            inputs = {t: load_input_statistics(self.input_dirs[(t, batches)]) for t in job.tasks
+                      if (t, batches) in self.input_dirs}
+        return run_target_deltas(merger, self.adapter_dirs, plugin.label, job, self.base_model, inputs)
+
+
+@dataclass(frozen=True)
+class InputStatisticsUnit:
+    """One task's input statistics on the base model (for activation-scaled merges)."""
+
+    plugin: ResolvedPlugin  # the dictionary's trainer, which runs its base model on the task's data
+    task: TaskInfo
+    seed: int
+    workspace: Path
+    modules: tuple[str, ...]
+    widths: tuple[int, ...]  # each module's input features
+    max_batches: int
+    key: str
+    store_root: Path
+
+    @property
+    def progress_name(self) -> str:  # the name a plain progress line gives it
+        return self.task.name
+
+
+def input_statistics_unit(unit: InputStatisticsUnit) -> Path:
+    """Record one task's input statistics into the cache (no-op when they are there)."""
+    store = ArtifactStore(unit.store_root)
+
+    def build(tmp: Path) -> None:
+        job = InputStatisticsJob(unit.task, unit.seed, unit.workspace, unit.modules, unit.max_batches)
+        with plugin_errors("trainer", unit.plugin.label):
+            trainer = unit.plugin.instance()
+            if not isinstance(trainer, InputStatisticsTrainer):
+                raise PluginError("trainer", unit.plugin.label, "cannot record input statistics (it has no "
+                                                                "input_statistics method)")
+            stats = dict(trainer.input_statistics(job))
+        check_input_statistics(stats, unit.modules, dict(zip(unit.modules, unit.widths)),
+                               f"trainer '{unit.plugin.label}', task {unit.task.name}")
+        save_input_statistics(tmp, {m: stats[m] for m in unit.modules},
+                              {"task": unit.task.name, "batches": unit.max_batches})
+
+    return store.produce("input-stats", unit.key, build, {"task": unit.task.name, "batches": unit.max_batches})
 
 
 @dataclass(frozen=True)
@@ -173,6 +225,7 @@ class MergeUnit:
     statistics_dirs: tuple[Path | None, ...] = ()
     trainings: tuple[str, ...] = ()  # the constituents' training names (their vectors' names)
     base_model: Path | None = None  # for methods defined on full weights
+    input_dirs: tuple[Path, ...] = ()  # per constituent, its task's input statistics (activation methods)
 
     @property
     def progress_name(self) -> str:  # the name a plain progress line gives it
@@ -207,8 +260,9 @@ def merge_unit(unit: MergeUnit) -> Path:
             if supports_lowrank(merger, job.method):
                 vector = torch.from_numpy(lowrank_masked_vector(merger, job, adapters, mask, unit.plugin.label))
             else:
+                inputs = [load_input_statistics(d) for d in unit.input_dirs] if unit.input_dirs else None
                 vector = torch.from_numpy(dense_masked_vector(merger, job, adapters, mask, unit.plugin.label,
-                                                              unit.base_model))
+                                                              unit.base_model, inputs))
         if not torch.isfinite(vector).all():
             raise PluginError("merger", unit.plugin.label,
                               f"target {job.target_id} ({job.method}) has NaN or inf although its constituents are "
@@ -387,11 +441,12 @@ class Runner:
         for message in dictionary_warnings(dictionary, atom_names):
             self.warn(message)
         base_model = self.full_weight_base(specs, adapter_dirs)
-        targets = self.merge(specs, adapter_dirs, mask_dir, base_model)
+        input_dirs = self.input_statistics(specs, adapter_dirs)
+        targets = self.merge(specs, adapter_dirs, mask_dir, base_model, input_dirs)
         context = RunContext(adapter_dirs, {t.name: t for t in self.m.all_tasks}, mask, self.m.merger.instance(),
                              self.m.seed, self.run_dir, tuple(specs),
                              RoutedDenseMerge({m: self.m.merger_for(m) for m in self.m.protocol.methods},
-                                              adapter_dirs, base_model))
+                                              adapter_dirs, base_model, input_dirs))
         metrics = [(r, r.build()) for r in self.m.metrics]
         categories = {name: self._task(name.partition("@")[0]).category for name in adapter_dirs}
         loop = ScoreLoop(
@@ -633,23 +688,28 @@ class Runner:
         label = self.m.merger_for(users[0].method).label
         return base_model_path([LoraAdapter(adapter_dirs[n], n) for n in names], users[0].method, label, explicit)
 
-    def merge(self, specs: Sequence[MergeJob], adapter_dirs: dict[str, Path],
-              mask_dir: Path, base_model: Path | None = None) -> dict[str, tuple[np.ndarray, str]]:
+    def merge(self, specs: Sequence[MergeJob], adapter_dirs: dict[str, Path], mask_dir: Path,
+              base_model: Path | None = None,
+              input_dirs: Mapping[tuple[str, int], Path] | None = None) -> dict[str, tuple[np.ndarray, str]]:
         """Every target's masked vector and its artifact key, by target id."""
         vectors_path = self.run_dir / "task_vectors.safetensors"
         fast = vectors_path.is_file()
         stats = self.merge_statistics(specs, adapter_dirs, mask_dir) if fast else {}
+        input_dirs = input_dirs or {}
         units = []
         for spec in specs:
             names = constituent_trainings(spec)
             plugin = self.m.merger_for(spec.method)
-            on_base = base_model is not None and needs_base_weights(plugin.instance(), spec.method)
-            key = self.target_key(spec, mask_dir.name, base_model if on_base else None)
+            merger = plugin.instance()
+            on_base = base_model is not None and needs_base_weights(merger, spec.method)
+            inputs = (tuple(input_dirs[(t, merger.activation_batches)] for t in spec.tasks)
+                      if needs_activations(merger, spec.method) else ())
+            key = self.target_key(spec, mask_dir.name, base_model if on_base else None, [p.name for p in inputs])
             self._forget("merger", "targets", key)
             units.append(MergeUnit(plugin, spec, key, tuple(adapter_dirs[n] for n in names),
                                    mask_dir, self.store.root, vectors_path if fast else None,
                                    tuple(stats.get((plugin.label, n)) for n in names), names,
-                                   base_model if on_base else None))
+                                   base_model if on_base else None, inputs))
         reused = sum(self.store.exists("targets", u.key) for u in units)
         labels = ", ".join(p.label for p in self.m.mergers)
         with self.stage("merger", len(units), reused):
@@ -658,14 +718,52 @@ class Runner:
         return {u.spec.target_id: (load_tensors(p / "target.safetensors")["vector"].numpy(), u.key)
                 for u, p in zip(units, paths)}
 
-    def target_key(self, spec: MergeJob, mask_key: str, base_model: Path | None = None) -> str:
+    def target_key(self, spec: MergeJob, mask_key: str, base_model: Path | None = None,
+                   input_keys: Sequence[str] = ()) -> str:
         """Cache key of one target: its merger's configuration, its job, its constituents' trainings, the
-        mask, and for a full-weight target (``base_model`` given) the base model's files."""
+        mask, for a full-weight target (``base_model`` given) the base model's files, and for an
+        activation-scaled one its constituents' input statistics (``input_keys``)."""
         key_parts: list[Any] = [self.m.merger_for(spec.method).config(), spec.as_dict(),
                                 [self.training_key(n) for n in constituent_trainings(spec)], mask_key]
         if base_model is not None:  # a full-weight target also depends on the base model's files
             key_parts.append(base_fingerprint(base_model))
+        if input_keys:
+            key_parts.append(list(input_keys))
         return content_key("target", *key_parts)
+
+    def input_statistics(self, specs: Sequence[MergeJob],
+                         adapter_dirs: Mapping[str, Path]) -> dict[tuple[str, int], Path]:
+        """Input statistics of the base model on each task's training data, for the tasks of every
+        activation-scaled target, by (task, batches): recorded by the dictionary's trainer on every
+        module any adapter of the run adapts, cached by trainer × task × seed × modules × batches."""
+        wanted: set[tuple[str, int]] = set()
+        for spec in specs:
+            merger = self.m.merger_for(spec.method).instance()
+            if needs_activations(merger, spec.method):
+                wanted.update((t, int(merger.activation_batches)) for t in spec.tasks)
+        if not wanted:
+            return {}
+        widths: dict[str, int] = {}
+        for name, path in sorted(adapter_dirs.items()):
+            for module, shape in LoraAdapter(path, name).shapes.items():
+                widths.setdefault(module, int(shape[1]))
+        modules = tuple(sorted(widths))
+        trainer = self.m.trainer
+        workspace = self.store.root / "cache" / "workspace" / content_key(trainer.config())
+        keys = sorted(wanted)
+        units = []
+        for task_name, batches in keys:
+            task = self._task(task_name)
+            seed = self._train_seed(task, "")
+            key = content_key("input-statistics", trainer.config(), task.name, task.category, dict(task.source), seed,
+                              modules, batches, module_closure_digest("unmerge_core.io.activations"))
+            self._forget("merger", "input-stats", key)
+            units.append(InputStatisticsUnit(trainer, task, seed, workspace, modules,
+                                             tuple(widths[m] for m in modules), batches, key, self.store.root))
+        reused = sum(self.store.exists("input-stats", u.key) for u in units)
+        with self.stage("input-statistics", len(units), reused):
+            paths = self.executor.map(input_statistics_unit, units, desc=f"input statistics ({trainer.label})")
+        return dict(zip(keys, paths))
 
     def merge_statistics(self, specs: Sequence[MergeJob], adapter_dirs: dict[str, Path],
                          mask_dir: Path) -> dict[tuple[str, str], Path]:

@@ -1,9 +1,9 @@
-"""``scale-svd``: each task vector replaced by a scaled low-rank plus sparse approximation, then task
-arithmetic — the seed framework's Scale-SVD, which applies OATS (Zhang & Papyan, ICLR 2025,
+"""``scale-svd``: each task vector replaced by an activation-scaled low-rank plus sparse approximation,
+then task arithmetic — the seed framework's Scale-SVD, which applies OATS (Zhang & Papyan, ICLR 2025,
 arXiv 2409.13652, Algorithm 1) to task vectors.
 
-For one module τ (out × in) and per-input-channel scales d (OATS: the second moment of the module's
-inputs; here uniform, d = 1 — see below):
+For one module τ (out × in) of task t and per-input-feature scales d (the statistics of the module's
+inputs on task t's own training data, recorded by the core on the base model):
 
     W̃ = τ · diag(√d);  S ← 0
     repeat ``iterations`` times:  L ← best rank-k approximation of W̃ − S
@@ -16,11 +16,19 @@ rank r that makes k ≫ r, L = τ, S = 0: the identity. ``budget = "task-rank"``
 P = r·(out + in) with r the task vector's own rank, the LoRA's parameter count, which actually
 compresses.
 
-**Scaling used: uniform.** Activation statistics need the base model run on task data inside the
-merge; the merger contract hands a merger tensors only, so ``scaling = "uniform"`` is the one choice
-and it is recorded in the run's configuration. Dense only (the hard threshold needs every residual
-entry): one out × in residual per iteration and task — fine for small models, minutes per target at
-7B (``svd = "randomized"`` uses ``torch.svd_lowrank`` there).
+**Scaling.** ``scaling = "activation"`` (the default) scales by the inputs' ``statistic``:
+``"second-moment"`` (the default) is OATS's — the squared L2 norm of each input feature over the
+tokens (here divided by their count, which changes nothing: scaling and unscaling cancel a constant);
+``"variance"`` centres it first, as the seed's public fork does in code although its documentation
+says the squared norm. The core records the statistics of the base model on ``calibration_batches``
+of the trainer's batches of each task (non-padding tokens; :class:`~unmerge_core.ActivationMerger`),
+caches them, and a module without statistics is an error naming it — never the silent all-ones
+fallback of the fork. A feature no token excites (d = 0, possible with ``"variance"``) gets
+d = ``SCALE_FLOOR`` · mean(d), so nothing is divided by zero. ``scaling = "uniform"`` is d = 1 (the
+variant that needs neither a base model nor task data; identical to "activation" with all-ones
+statistics, bit for bit). Dense only (the hard threshold needs every residual entry): one out × in
+residual per iteration and task — fine for small models, minutes per target at 7B
+(``svd = "randomized"`` uses ``torch.svd_lowrank`` there).
 """
 
 from __future__ import annotations
@@ -31,10 +39,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from unmerge_core import MergeJob, PluginParams, PluginSpec, Stage, content_key
+from unmerge_core import InputStatistics, MergeJob, PluginParams, PluginSpec, Stage, content_key
 
 RANK_RTOL = 1e-5
 """Singular values below this share of the largest do not count towards a task vector's rank."""
+SCALE_FLOOR = 1e-8
+"""Input statistics below this share of their mean are raised to it (an unexcited feature is not divided by zero)."""
 
 
 class ScaleSvdParams(PluginParams):
@@ -45,8 +55,13 @@ class ScaleSvdParams(PluginParams):
     budget: Literal["task-rank", "matrix"] = Field(
         "task-rank", description="P = rank(τ)·(out+in) (compresses a LoRA) or out·in (the seed's; identity on LoRA)")
     svd: Literal["full", "randomized"] = "full"
-    scaling: Literal["uniform"] = Field("uniform", description="per-input-channel scales (activation statistics "
-                                                               "are not available to a merger)")
+    scaling: Literal["activation", "uniform"] = Field(
+        "activation", description="per-input-feature scales: the base model's input statistics on each task's "
+                                  "training data (needs a trainer with a base model), or uniform (d = 1)")
+    statistic: Literal["second-moment", "variance"] = Field(
+        "second-moment", description="which input statistic scales (OATS: the second moment, i.e. squared norm)")
+    calibration_batches: int = Field(16, ge=1, le=100_000, description="trainer batches per task the statistics "
+                                                                        "are recorded on (scaling = activation)")
     alpha: float = Field(1.0, gt=0, le=100, description="scale of the merged task vector")
 
 
@@ -82,21 +97,37 @@ def _hard_threshold(r: torch.Tensor, pruned: float, prune: str) -> torch.Tensor:
     return flat.view_as(r)
 
 
+def feature_scales(inputs: InputStatistics, statistic: str) -> torch.Tensor:
+    """d of one task and module: its ``statistic`` per input feature, floored at ``SCALE_FLOOR`` · mean."""
+    d = (inputs.second_moment() if statistic == "second-moment" else inputs.variance()).to(torch.float64)
+    mean = float(d.mean()) if d.numel() else 0.0
+    if not mean > 0.0:
+        raise ValueError(f"the {statistic} of every input feature is zero: no scale to apply")
+    return d.clamp_min(SCALE_FLOOR * mean)
+
+
 @torch.no_grad()
-def scale_svd(task: torch.Tensor, params: ScaleSvdParams) -> torch.Tensor:
-    """τ' = low-rank + sparse approximation of one task vector (uniform scales)."""
+def scale_svd(task: torch.Tensor, params: ScaleSvdParams, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """τ' = low-rank + sparse approximation of one task vector, in the space scaled by √``scales``
+    (per input feature; ``None``: uniform)."""
     w = task.to(torch.float64)
-    # the task vector's own rank, at float32 precision (ΔW comes from float32 factors)
+    # the task vector's own rank, at float32 precision (ΔW comes from float32 factors); positive
+    # column scales do not change it
     rank = int(torch.linalg.matrix_rank(w, rtol=RANK_RTOL)) if w.abs().max() > 0 else 0
     if rank == 0:
         return torch.zeros_like(w)
+    root = None
+    if scales is not None:
+        root = scales.to(torch.float64).sqrt()
+        w = w * root
     k, pruned = budget_sizes((int(w.shape[0]), int(w.shape[1])), params, rank)
     sparse = torch.zeros_like(w)
     low = w
     for _ in range(params.iterations):
         low = _truncated(w - sparse, k, params.svd)
         sparse = _hard_threshold(w - low, pruned, params.prune)
-    return low + sparse
+    out = low + sparse
+    return out / root if root is not None else out
 
 
 class ScaleSvdMerger:
@@ -104,19 +135,40 @@ class ScaleSvdMerger:
 
     def __init__(self, params: ScaleSvdParams) -> None:
         self.params = params
+        self.activation_methods: tuple[str, ...] = ("scale-svd",) if params.scaling == "activation" else ()
+        self.activation_batches = params.calibration_batches
 
     def coefficients(self, job: MergeJob) -> tuple[float, ...]:
         """The ground truth of ``job``: ``alpha`` scales every constituent's weight."""
         return tuple(self.params.alpha * w for w in job.weights)
 
     def merge_module(self, job: MergeJob, module: str, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.params.scaling != "uniform":
+            raise ValueError(f"scaling = '{self.params.scaling}' scales by input statistics, and {module} of "
+                             f"{job.target_id} came without them (set scaling = 'uniform' for the unscaled variant)")
+        return self._merge(job, module, deltas, [None] * len(deltas))
+
+    def merge_module_scaled(self, job: MergeJob, module: str, deltas: Sequence[torch.Tensor],
+                            inputs: Sequence[InputStatistics]) -> torch.Tensor:
+        if len(inputs) != len(deltas):
+            raise ValueError(f"{module}: {len(inputs)} input statistics for {len(deltas)} constituents")
+        scales = []
+        for task, entry in zip(job.tasks, inputs):
+            try:
+                scales.append(feature_scales(entry, self.params.statistic))
+            except ValueError as exc:
+                raise ValueError(f"{module}, task {task}: {exc}") from None
+        return self._merge(job, module, deltas, scales)
+
+    def _merge(self, job: MergeJob, module: str, deltas: Sequence[torch.Tensor],
+               scales: Sequence[torch.Tensor | None]) -> torch.Tensor:
         # the randomized SVD draws from torch's global generator: fix it per (target, module) so a
         # rerun gives the same target, without touching the caller's generator state
         with torch.random.fork_rng():
             torch.manual_seed(int(content_key("scale-svd", job.seed, module), 16) % 2**63)
-            total = sum(w * scale_svd(d, self.params) for d, w in zip(deltas, job.weights))
+            total = sum(w * scale_svd(d, self.params, s) for d, w, s in zip(deltas, job.weights, scales))
         return (self.params.alpha * total).to(torch.float32)  # type: ignore[union-attr]
 
 
-SPEC = PluginSpec("scale-svd", Stage.MERGER, "Scale-SVD: each task vector as low-rank + sparse (OATS), then "
-                  "task arithmetic", "https://arxiv.org/abs/2409.13652", ScaleSvdParams, ScaleSvdMerger)
+SPEC = PluginSpec("scale-svd", Stage.MERGER, "Scale-SVD: each task vector as activation-scaled low-rank + sparse "
+                  "(OATS), then task arithmetic", "https://arxiv.org/abs/2409.13652", ScaleSvdParams, ScaleSvdMerger)

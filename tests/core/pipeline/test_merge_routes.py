@@ -38,6 +38,11 @@ def error_of(path) -> str:
     ({"targets_per_group = 4": 'targets_per_group = 4\nmethods = ["ties", "slerp"]'},
      "protocol.methods[1]: slerp is defined on full weights and needs the base model's weights (merger "
      "'mergekit'), which trainer 'synthetic' does not provide"),
+    ({"targets_per_group = 4": 'targets_per_group = 4\nmethods = ["scale-svd"]',
+      '[merger]\nplugin = "mergekit"': '[merger]\nplugin = "scale-svd"'},
+     "protocol.methods[0]: scale-svd (merger 'scale-svd') scales each task vector by the base model's input "
+     "statistics on the task's training data, which trainer 'synthetic' cannot record (no base model or no "
+     "training data); set scaling = \"uniform\""),
     ({"targets_per_group = 4": 'targets_per_group = 4\nmethods = ["ram"]\nweights = "dirichlet"'},
      "protocol.methods[0]: ram ignores per-task weights"),
     ({"targets_per_group = 4": 'targets_per_group = 4\nmethods = ["nearswap"]'},
@@ -78,6 +83,15 @@ def error_of(path) -> str:
 def test_method_problems_are_one_line_at_validate_time(write_manifest, replace, expected) -> None:
     message = error_of(write_manifest(**replace))
     assert expected in message and "\n" not in message
+
+
+def test_scale_svd_uniform_runs_without_a_base_model(write_manifest) -> None:
+    path = write_manifest(**{"targets_per_group = 4": 'targets_per_group = 2\nmethods = ["scale-svd"]',
+                             '[merger]\nplugin = "mergekit"': '[merger]\nplugin = "scale-svd"\n'
+                                                              'params = { scaling = "uniform" }'})
+    result = Runner(load_manifest(path), progress=False, echo=lambda s: None).run()
+    assert {r.method for r in result.table.rows} == {"scale-svd"}
+    assert not any(t.stage == "input-statistics" for t in result.timings)
 
 
 def test_a_merge_that_removes_everything_is_refused(write_manifest) -> None:

@@ -199,7 +199,7 @@ def test_scale_svd_matrix_budget_is_the_identity_on_lora() -> None:
 def test_scale_svd_task_rank_budget_compresses(prune) -> None:
     g = torch.Generator().manual_seed(3)
     low_rank = (torch.randn(48, 8, generator=g) @ torch.randn(8, 40, generator=g)).double()
-    params = ScaleSvdParams(sparsity=0.3, rank_ratio=0.6, prune=prune)
+    params = ScaleSvdParams(sparsity=0.3, rank_ratio=0.6, prune=prune, scaling="uniform")
     k, pruned = budget_sizes((48, 40), params, 8)
     assert k == int(0.6 * 0.7 * 8) and 0 < pruned < 1
     out = scale_svd(low_rank, params)
@@ -217,7 +217,7 @@ def test_scale_svd_task_rank_budget_compresses(prune) -> None:
 def test_scale_svd_randomized_is_reproducible_and_leaves_the_global_generator_alone() -> None:
     g = torch.Generator().manual_seed(4)
     deltas = [(torch.randn(48, 8, generator=g) @ torch.randn(8, 40, generator=g)) for _ in range(2)]
-    merger = ScaleSvdMerger(ScaleSvdParams(svd="randomized", sparsity=0.3, rank_ratio=0.5))
+    merger = ScaleSvdMerger(ScaleSvdParams(svd="randomized", sparsity=0.3, rank_ratio=0.5, scaling="uniform"))
     job = MergeJob("t", "scale-svd", ("a", "b"), (0.5, 0.5), seed=11)
     torch.manual_seed(0)
     first = merger.merge_module(job, "m", deltas)
