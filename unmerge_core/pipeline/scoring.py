@@ -9,6 +9,20 @@ corrupting the next decomposer's input), runs the decomposer, checks what it ret
 With a store, each decomposition and each metric's values are cached as one file per
 (target, decomposer) and per (decomposition, metric), keyed by everything they depend on, so a run
 killed in the middle of scoring loses only the pair in progress.
+
+**Details beside the values.** A metric that writes files of its own into the run directory (the
+``causal-ablation`` metric's ``causal/`` folder) loses them on a rerun: the first run to claim a run
+directory removes the previous run's results (:mod:`.run_directory`), and a metric whose values come from
+the cache is not called. Such a metric defines two optional methods (duck-typed; the Metric protocol
+needs only ``compute``):
+
+- ``metric_details(evaluation)``: right after ``compute``, what it wrote for that evaluation, as a
+  JSON-serialisable value (``None``: nothing); kept in the metric-values cache file beside the values;
+- ``restore_details(evaluation, details)``: called instead of ``compute`` when the values come from the
+  cache (with the kept value, unless it is ``None``): write those files again.
+
+A cached file without kept details for such a metric (written before details were kept) is a cache miss:
+the metric is computed again, so its files come back.
 """
 
 from __future__ import annotations
@@ -270,6 +284,12 @@ def metric_values(metric: Any, label: str, evaluation: TargetEvaluation) -> dict
     return values
 
 
+def has_details(metric: Any) -> bool:
+    """Whether a metric writes details of its own that a cached run must restore (both optional methods
+    of the module docstring: ``metric_details`` and ``restore_details``)."""
+    return callable(getattr(metric, "metric_details", None)) and callable(getattr(metric, "restore_details", None))
+
+
 # --------------------------------------------------------------------------------------------------
 # Dictionary checks
 # --------------------------------------------------------------------------------------------------
@@ -480,13 +500,26 @@ class ScoreLoop:
         if self.redo_metrics and path not in self._redone:
             self._redone.add(path)
             path.unlink(missing_ok=True)
+        keeps_details = has_details(metric)
         if path.is_file():
             try:
-                cached = json.loads(path.read_text())["values"]
-                return {str(k): (None if v is None else float(v)) for k, v in cached.items()}, True
+                data = json.loads(path.read_text())
+                values = {str(k): (None if v is None else float(v)) for k, v in data["values"].items()}
+                if not keeps_details:
+                    return values, True
+                if "details" in data:  # else: cached before details were kept; recompute to write them
+                    if data["details"] is not None:
+                        with plugin_errors("metric", ref.label):
+                            metric.restore_details(evaluation, data["details"])
+                    return values, True
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 pass  # unreadable: recompute
         values = metric_values(metric, ref.label, evaluation)
-        atomic_write_json(path, {"metric": ref.label, "target": evaluation.target_id,
-                                 "decomposer": evaluation.decomposer, "values": values})
+        record: dict[str, Any] = {"metric": ref.label, "target": evaluation.target_id,
+                                  "decomposer": evaluation.decomposer, "values": values}
+        if keeps_details:
+            with plugin_errors("metric", ref.label):
+                details = metric.metric_details(evaluation)
+            record["details"] = None if details is None else to_jsonable(details, "details")
+        atomic_write_json(path, record)
         return values, False

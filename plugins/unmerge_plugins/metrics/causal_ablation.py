@@ -45,7 +45,9 @@ same targets whatever order the metric is called in (a resumed run included); th
 ``decomposers`` limits verification to some decomposers' attributions (each costs its own edits).
 Evaluations are cached per (target, edit, quantised coefficient): decomposers that agree cost nothing
 more. Per-target details go to ``<run_dir>/causal/<decomposer>/<target_id>.json`` and every edit to
-``<run_dir>/causal/edits.csv``.
+``<run_dir>/causal/edits.csv``; the run's cache keeps each target's details beside its values
+(``metric_details`` / ``restore_details``, :mod:`unmerge_core.pipeline.scoring`), so a rerun that reuses
+them writes the files again.
 """
 
 from __future__ import annotations
@@ -362,6 +364,7 @@ class CausalAblation:
         self._directions: dict[str, dict[str, torch.Tensor]] = {}
         self._direction_bytes = 0
         self._current: str | None = None
+        self._details: dict[tuple[str, str], dict[str, Any]] = {}  # until the run's cache keeps them
         self.evaluations = 0  # forward passes over the held-out set (for tests and timing)
 
     # -- sampling ----------------------------------------------------------------------------------
@@ -492,11 +495,37 @@ class CausalAblation:
                         "others_transferred": ";".join(sorted(transferred - {edit.task}))})
         return row
 
-    def _write(self, ev: TargetEvaluation, rows: list[dict[str, Any]], before: dict[str, SkillScores]) -> None:
+    # -- details kept with the cached values (unmerge_core.pipeline.scoring) ----------------------
+    def metric_details(self, evaluation: TargetEvaluation) -> dict[str, Any] | None:
+        """The per-target details the last ``compute`` of ``evaluation`` wrote (None: not verified), kept
+        by the run's cache beside the values so that a rerun which reuses them writes them again."""
+        return self._details.pop(self._details_key(evaluation), None)
+
+    def restore_details(self, evaluation: TargetEvaluation, details: Mapping[str, Any]) -> None:
+        """Write the kept per-target details of ``evaluation`` again (its values came from the cache) and
+        rebuild ``causal/edits.csv``."""
+        if evaluation.context is None or not isinstance(details, Mapping) or "edits" not in details:
+            return
+        path = self._details_path(evaluation)
+        atomic_write_json(path, dict(details))
+        write_edits_csv(path.parent.parent)
+
+    @staticmethod
+    def _details_key(ev: TargetEvaluation) -> tuple[str, str]:
+        return (ev.decomposer or "", ev.target_id)
+
+    @staticmethod
+    def _details_path(ev: TargetEvaluation) -> Path:
+        """``<run_dir>/causal/<decomposer>/<target_id>.json``."""
         assert ev.context is not None
-        root = Path(ev.context.run_dir) / "causal"
         coef = [float(c) for c in ev.decomposition.coefficients]
         label = safe_filename(ev.decomposer or f"coef-{content_key(coef)}")
+        return Path(ev.context.run_dir) / "causal" / label / f"{safe_filename(ev.target_id)}.json"
+
+    def _write(self, ev: TargetEvaluation, rows: list[dict[str, Any]], before: dict[str, SkillScores]) -> None:
+        assert ev.context is not None
+        path = self._details_path(ev)
+        coef = [float(c) for c in ev.decomposition.coefficients]
         details = {
             "target_id": ev.target_id, "decomposer": ev.decomposer, "group": ev.group, "method": ev.method,
             "true_tasks": list(ev.true_tasks), "true_weights": list(ev.true_weights),
@@ -508,8 +537,9 @@ class CausalAblation:
                               for t, s in before.items()},
             "edits": rows,
         }
-        atomic_write_json(root / label / f"{safe_filename(ev.target_id)}.json", details)
-        write_edits_csv(root)
+        atomic_write_json(path, details)
+        write_edits_csv(path.parent.parent)
+        self._details[self._details_key(ev)] = details
 
     # -- model and data ----------------------------------------------------------------------------
     def _adapter(self, ctx: RunContext, task: str) -> LoraAdapter:

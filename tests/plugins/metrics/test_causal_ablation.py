@@ -228,6 +228,34 @@ def test_second_decomposer_with_the_same_coefficients_costs_nothing(adapters, tm
     assert all(v is None for v in skipped.values()) and metric.evaluations == n
 
 
+def test_the_details_a_rerun_restores_are_the_files_the_run_wrote(adapters, tmp_path) -> None:
+    """A rerun that reuses the cached values (unmerge_core.pipeline.scoring) calls restore_details with
+    what metric_details gave after compute: causal/ comes back byte for byte, edits.csv included."""
+    import shutil
+
+    ctx = context(adapters, tmp_path)
+    metric = CausalAblation(CausalParams(**FAST, null_atoms=0, random_control=False))
+    kept = {}
+    for name, coef in (("a", [0.5, 0.5, 0.0]), ("b", [0.5, 0.0, 0.0])):
+        ev = evaluation(ctx, coef, decomposer=name)
+        metric.compute(ev)
+        kept[name] = (ev, metric.metric_details(ev))
+        assert kept[name][1] is not None and metric.metric_details(ev) is None  # handed over once
+    skipped = evaluation(ctx, [0.5, 0.5, 0.0], target_id="known-linear-01")
+    metric.compute(skipped)
+    assert metric.metric_details(skipped) is None  # not verified: nothing written, nothing kept
+    root = tmp_path / "causal"
+    written = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    assert set(written) == {"a/known-linear-00.json", "b/known-linear-00.json", "edits.csv"}
+    shutil.rmtree(root)  # what the next run's claim of the run directory does
+    fresh = CausalAblation(CausalParams(**FAST, null_atoms=0, random_control=False))
+    for name in ("b", "a"):
+        ev, details = kept[name]
+        fresh.restore_details(ev, json.loads(json.dumps(details)))  # as read back from the cache file
+    assert {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == written
+    assert fresh.evaluations == 0 and fresh._model is None  # no model was loaded to restore them
+
+
 def test_exact_match_score_runs_on_the_same_edits(adapters, tmp_path) -> None:
     ctx = context(adapters, tmp_path)
     metric = CausalAblation(CausalParams(score="exact_match", random_control=False, null_atoms=0, **FAST))
@@ -326,6 +354,12 @@ def test_runner_passes_context_and_decomposer_label(tmp_path) -> None:
     assert rows and all(r.metrics["causal_confirmed"] is not None for r in rows)
     summary = (result.run_dir / "summary.md").read_text()
     assert "causal_confirmed" in summary
+    # a rerun reuses every metric value and still leaves the details of the causal check in causal/
+    root = result.run_dir / "causal"
+    written = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    again = Runner(load_manifest(path), progress=False, echo=lambda s: None).run()
+    assert {t.stage: t.reused for t in again.timings}["metric"] == len(again.table.rows)
+    assert {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == written
 
 
 # --------------------------------------------------------------------------------------------------
