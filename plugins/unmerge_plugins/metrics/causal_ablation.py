@@ -27,6 +27,22 @@ edit in ``others_transferred``, with every other skill that dropped in ``others_
 read from the greedy answers), and after an edit only the edit's own skill and the skills the target does
 (checker score above 0 before the edit) are answered again: a skill at 0 cannot drop.
 
+**not-performed** (checker score only; :func:`performs`): an attributed skill (or a missed constituent)
+that the target does not perform measurably better than the base model cannot be confirmed or refuted
+by removing it — at most the removal brings the target back to what the base does anyway, and a drop
+below the base is what subtracting any task vector does (the null controls). The target *performs* a
+skill when its checker score exceeds the base's by at least ``performed_gain`` (0.25, the default
+``min_drop``: less could not show a confirming drop by returning to the base) **and** an exact one-sided
+McNemar test over the prompts whose verdict differs between target and base says so (``P(Bin(won +
+lost, ½) ≥ won) < alpha``); otherwise the verdict is ``not-performed`` whatever the removal did (its
+numbers are still in the row: ``own_checker_base``, ``performed_gain``, ``performed_won`` /
+``performed_lost``, ``performed_p``). ``performed_gain = None`` turns the rule off. The controls keep
+the rule's own verdict. The columns give both denominators: ``causal_confirmed`` and the other verdict
+shares are over every attributed atom (``causal_n_attributed``; they add up to 1, ``causal_not_performed``
+included), ``causal_confirmed_performed`` over the attributed skills the target performs
+(``causal_n_performed``); under the loss or exact-match score the rule is not applied and those three
+columns are None.
+
 Controls, on the same target and model:
 
 - ``random``: for each confirmed atom, a random direction with the per-module Frobenius norms of
@@ -57,7 +73,7 @@ import io
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,10 +104,15 @@ from unmerge_plugins.lib.lm import HeldoutSet, TaskScores, WeightEditor, encode_
 from unmerge_plugins.lib.tasks import load_examples
 
 COLUMNS: tuple[str, ...] = (
-    "causal_confirmed", "causal_refuted", "causal_inconclusive", "causal_effect",
+    "causal_confirmed", "causal_refuted", "causal_inconclusive", "causal_not_performed",
+    "causal_confirmed_performed", "causal_n_attributed", "causal_n_performed", "causal_effect",
     "causal_control", "causal_null_confirmed", "causal_null_effect", "causal_fn_cost",
 )
-VERDICTS: tuple[str, ...] = ("confirmed", "refuted", "inconclusive")
+VERDICTS: tuple[str, ...] = ("confirmed", "refuted", "inconclusive", "not-performed")
+CLAIM_EDITS = ("attributed", "missed")
+"""Edits that check a claim about the target (the not-performed rule applies to them); the controls
+(``random``, ``null``) keep the rule's own verdict: a null control's false-positive rate is measured on
+skills the target does not do."""
 DIRECTION_CACHE_BYTES = 256 * 2**20
 
 
@@ -128,6 +149,11 @@ class CausalParams(PluginParams):
                                                            "(at most examples_per_task)")
     min_drop: float = Field(0.25, gt=0, le=1, description="checker score: smallest drop of the own skill's "
                                                           "checker score that confirms")
+    performed_gain: float | None = Field(
+        0.25, ge=0, le=1, description="checker score: the target performs a skill when its checker score exceeds "
+                                      "the base model's by at least this and an exact one-sided McNemar test over "
+                                      "the prompts says so (p < alpha); an attributed skill it does not perform "
+                                      "is 'not-performed' (None: no such check)")
     hold_tolerance: float = Field(0.15, ge=0, le=1, description="checker score: largest drop of another skill's "
                                                                 "checker score that still holds")
     new_tokens_margin: int = Field(8, ge=1, description="checker score: new tokens beyond the skill's longest "
@@ -246,6 +272,39 @@ def transferred_skills(target: Mapping[str, float], base: Mapping[str, float], a
     not that the removal is unspecific (a drop of an attributed skill or of a skill at its base level does)."""
     return {t for t, score in target.items()
             if t not in attributed and t in base and score - base[t] > tolerance + 1e-12}
+
+
+@dataclass(frozen=True)
+class Performance:
+    """Whether the target performs a skill measurably better than the base model (checker score)."""
+
+    gain: float  # target's checker score minus the base's
+    won: int  # prompts the target's answer passes and the base's fails
+    lost: int  # the reverse
+    p_value: float  # exact one-sided McNemar: P(Bin(won + lost, ½) ≥ won)
+    performed: bool
+
+
+def performs(target: np.ndarray, base: np.ndarray, params: CausalParams) -> Performance:
+    """The **not-performed** rule. ``target`` / ``base``: per held-out prompt of one skill, whether the
+    checker accepts the target's / the base model's greedy answer (the same prompts, in order). The target
+    performs the skill when its checker score exceeds the base's by at least ``performed_gain`` **and**
+    an exact one-sided McNemar test over the prompts whose verdict differs says the target is better
+    (``P(Bin(won + lost, ½) ≥ won) < alpha``). Otherwise removing the skill's component cannot show that
+    the target *has* it: at most it can bring the target back to what the base does anyway, and a drop
+    below that is what subtracting a task vector does to a skill whether or not the merge holds it (the
+    null controls), so an attribution is then neither confirmed nor refuted by behaviour."""
+    t = np.asarray(target, dtype=bool)
+    b = np.asarray(base, dtype=bool)
+    if t.shape != b.shape:
+        raise ValueError(f"target and base answers differ in number ({t.size} and {b.size})")
+    won, lost = int((t & ~b).sum()), int((b & ~t).sum())
+    gain = float(t.mean() - b.mean()) if t.size else 0.0
+    from scipy import stats
+
+    p_value = float(stats.binom.sf(won - 1, won + lost, 0.5)) if won else 1.0
+    performed = params.performed_gain is None or (gain >= params.performed_gain - 1e-12 and p_value < params.alpha)
+    return Performance(gain, won, lost, p_value, performed)
 
 
 def quantise(value: float, digits: int) -> float:
@@ -429,12 +488,24 @@ class CausalAblation:
             effect = self._effect(evaluation, edit, before)
             others = [v for t, v in self._deltas(effect).items() if t != edit.task and t not in transferred]
             verdict = (judge_checker if self._score == "checker" else judge)(effect.own_diffs, others, p)
-            rows.append(self._row(evaluation, edit, effect, verdict, before, transferred))
+            performance = self._performance(edit, before)
+            if performance is not None and not performance.performed and edit.kind in CLAIM_EDITS:
+                verdict = replace(verdict, verdict="not-performed")
+            rows.append(self._row(evaluation, edit, effect, verdict, before, transferred, performance))
             if edit.kind == "attributed" and verdict.verdict == "confirmed" and p.random_control:
                 # the control that could falsify a confirmation: a random direction of the same norms
                 edits.insert(0, _Edit("random", edit.atom, edit.coefficient, edit.applied, edit.task))
         self._write(evaluation, rows, before)
         return self._columns(rows, out)
+
+    def _performance(self, edit: _Edit, before: dict[str, SkillScores]) -> Performance | None:
+        """Whether the target performs the edit's skill (checker score only; None otherwise)."""
+        if self._score != "checker" or self._base_scores is None:
+            return None
+        target, base = before[edit.task].accepted, self._base_scores[edit.task].accepted
+        if target is None or base is None:
+            return None
+        return performs(target, base, self.params)
 
     # -- results -----------------------------------------------------------------------------------
     def _deltas(self, effect: EditEffect) -> dict[str, float]:
@@ -455,11 +526,23 @@ class CausalAblation:
             return float(np.mean(values)) if values else None
 
         attributed, null = of("attributed"), of("null")
+        checked = [r for r in attributed if r.get("performed") is not None]  # the checker score decides it
         if attributed:
-            for verdict in VERDICTS:
-                out[f"causal_{verdict}"] = sum(r["verdict"] == verdict for r in attributed) / len(attributed)
-        for r in attributed:  # per atom: 1 confirmed, 0 inconclusive, -1 refuted
+            for verdict in VERDICTS:  # shares of every attributed atom: they add up to 1
+                if verdict == "not-performed" and len(checked) < len(attributed):
+                    continue  # not assessed (loss / exact-match score): None, not 0
+                out[f"causal_{verdict.replace('-', '_')}"] = (
+                    sum(r["verdict"] == verdict for r in attributed) / len(attributed))
+            out["causal_n_attributed"] = float(len(attributed))
+            if len(checked) == len(attributed):
+                performed = [r for r in attributed if r["performed"]]
+                out["causal_n_performed"] = float(len(performed))
+                out["causal_confirmed_performed"] = (
+                    sum(r["verdict"] == "confirmed" for r in performed) / len(performed) if performed else None)
+        for r in attributed:  # per atom: 1 confirmed, 0 inconclusive or not performed, -1 refuted
             out[f"causal_verdict[{r['atom']}]"] = {"confirmed": 1.0, "refuted": -1.0}.get(r["verdict"], 0.0)
+            if r.get("performed") is not None:  # per atom: 1 the target performs the skill, 0 not
+                out[f"causal_performed[{r['atom']}]"] = float(r["performed"])
         out["causal_effect"] = mean([r["effect"] for r in attributed])
         out["causal_control"] = mean([r["effect"] for r in of("random")])
         out["causal_null_confirmed"] = (sum(r["verdict"] == "confirmed" for r in null) / len(null)) if null else None
@@ -468,7 +551,8 @@ class CausalAblation:
         return out
 
     def _row(self, ev: TargetEvaluation, edit: _Edit, effect: EditEffect, j: Judgement,
-             before: dict[str, SkillScores], transferred: set[str]) -> dict[str, Any]:
+             before: dict[str, SkillScores], transferred: set[str],
+             performance: Performance | None = None) -> dict[str, Any]:
         own_before = float(before[edit.task].values(self._score).mean())
         assert self._base_scores is not None
         own_base = float(self._base_scores[edit.task].values(self._score).mean())
@@ -493,6 +577,12 @@ class CausalAblation:
                         "others_dropped": ";".join(f"{t}={d:.2f}" for t, d in sorted(drops.items())
                                                    if t != edit.task and d > 0),
                         "others_transferred": ";".join(sorted(transferred - {edit.task}))})
+        if performance is not None:
+            assert self._base_scores is not None and self._base_scores[edit.task].accepted is not None
+            row.update({"own_checker_base": float(self._base_scores[edit.task].accepted.mean()),
+                        "performed": performance.performed, "performed_gain": performance.gain,
+                        "performed_won": performance.won, "performed_lost": performance.lost,
+                        "performed_p": performance.p_value})
         return row
 
     # -- details kept with the cached values (unmerge_core.pipeline.scoring) ----------------------
@@ -717,8 +807,8 @@ class CausalAblation:
         return effect
 
 
-__all__ = ["COLUMNS", "CausalAblation", "CausalParams", "EditEffect", "Judgement", "SkillScores", "judge",
-           "judge_checker", "one_sided_p", "transferred_skills"]
+__all__ = ["COLUMNS", "CausalAblation", "CausalParams", "EditEffect", "Judgement", "Performance", "SkillScores",
+           "judge", "judge_checker", "one_sided_p", "performs", "transferred_skills"]
 
 
 SPEC = PluginSpec("causal-ablation", Stage.METRIC,

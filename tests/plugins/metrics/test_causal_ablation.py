@@ -685,3 +685,79 @@ def test_a_removal_specific_to_its_skill_confirms_when_another_skill_moves_a_lit
     assert judge_checker(markdown, [0.75], p).verdict == "inconclusive"   # margin 0.19 < min_drop
     uppercase = np.r_[np.ones(4), np.zeros(12)]
     assert judge_checker(uppercase, [0.31], p).verdict == "refuted"       # another skill fell more
+
+
+# --------------------------------------------------------------------------------------------------
+# not-performed: a skill the target does not do cannot be confirmed or refuted by removing it
+# --------------------------------------------------------------------------------------------------
+
+
+def test_performs_needs_the_gain_over_the_base_and_a_significant_mcnemar_test() -> None:
+    """On SmolLM2 6 of 19 checks were 'inconclusive' for skills the merge barely performs (checker 0.00-0.38
+    on 16 prompts, the base at 0): markdown-row at 6 of 16 lost all 6, p = 0.016 > alpha."""
+    from unmerge_plugins.metrics.causal_ablation import performs
+
+    p = CausalParams(score="checker")
+    zero = np.zeros(16, dtype=bool)
+    six = np.r_[np.ones(6), np.zeros(10)].astype(bool)
+    markdown = performs(six, zero, p)
+    assert (markdown.gain, markdown.won, markdown.lost) == (0.375, 6, 0)
+    assert markdown.p_value == pytest.approx(0.5 ** 6) and not markdown.performed  # 0.0156 ≥ alpha = 0.01
+    assert performs(np.r_[np.ones(7), np.zeros(9)].astype(bool), zero, p).performed  # 0.5**7 = 0.0078
+    assert not performs(zero, zero, p).performed  # pirate at 0.00
+    assert not performs(np.r_[np.ones(4), np.zeros(12)].astype(bool), zero, p).performed  # sort at 0.25
+    # significant but small: a removal that only went back to the base could not drop by min_drop
+    many = np.r_[np.ones(20), np.zeros(80)].astype(bool)
+    small = performs(many, np.zeros(100, dtype=bool), CausalParams(score="checker", performed_gain=0.25))
+    assert small.p_value < 1e-5 and not small.performed
+    assert performs(many, np.zeros(100, dtype=bool), CausalParams(score="checker", performed_gain=0.2)).performed
+    # the base already does it: the target at 1.0 against 0.9 is no measurable gain
+    base = np.r_[np.ones(29), np.zeros(3)].astype(bool)
+    assert not performs(np.ones(32, dtype=bool), base, p).performed
+    # the rule is paired: the same score on other prompts is no gain
+    assert performs(np.r_[np.ones(16), np.zeros(16)].astype(bool),
+                    np.r_[np.zeros(16), np.ones(16)].astype(bool), p).gain == 0.0
+    assert performs(zero, zero, CausalParams(score="checker", performed_gain=None)).performed  # rule off
+    with pytest.raises(ValueError, match="differ in number"):
+        performs(zero, np.zeros(8, dtype=bool), p)
+
+
+def test_an_attributed_skill_the_target_does_not_perform_is_not_performed(chat_adapters, tmp_path) -> None:
+    """The target is 1.0·pirate + 0.5·json; uppercase attributed at 0.3 is a skill neither the target nor
+    the base does: removing it cannot show anything (before: 'refuted', counted against the decomposer)."""
+    ctx = chat_context(chat_adapters, tmp_path)
+    metric = CausalAblation(CausalParams(**CHECKER, random_control=False, null_atoms=0),
+                            checker_for=stand_in_checkers)
+    out = metric.compute(chat_evaluation(ctx, [1.0, 0.5, 0.3]))
+    rows = {r["atom"]: r for r in rows_of(tmp_path, "exact", "known-linear-00") if r["kind"] == "attributed"}
+    upper, pirate = rows["uppercase"], rows["pirate-dialect"]
+    assert upper["verdict"] == "not-performed" and upper["performed"] is False
+    assert upper["own_checker_before"] - upper["own_checker_base"] == pytest.approx(upper["performed_gain"])
+    assert upper["performed_gain"] < 0.25 and upper["performed_p"] >= 0.01
+    assert pirate["verdict"] == "confirmed" and pirate["performed"] is True and pirate["performed_p"] < 0.01
+    assert out["causal_verdict[uppercase]"] == 0.0 and out["causal_performed[uppercase]"] == 0.0
+    assert out["causal_performed[pirate-dialect]"] == 1.0
+    # both denominators: shares of every attributed atom add up to 1; the rate over performed skills
+    assert out["causal_n_attributed"] == 3.0
+    n_performed = sum(r["performed"] for r in rows.values())
+    assert out["causal_n_performed"] == float(n_performed) and 1 <= n_performed <= 2
+    assert out["causal_not_performed"] == pytest.approx((3 - n_performed) / 3)
+    shares = [out[c] for c in ("causal_confirmed", "causal_refuted", "causal_inconclusive", "causal_not_performed")]
+    assert sum(shares) == pytest.approx(1.0)
+    confirmed = sum(r["verdict"] == "confirmed" for r in rows.values())
+    assert out["causal_confirmed"] == pytest.approx(confirmed / 3)
+    assert out["causal_confirmed_performed"] == pytest.approx(confirmed / n_performed)
+
+
+def test_the_not_performed_rule_is_off_under_the_loss_score_and_by_parameter(adapters, chat_adapters, tmp_path) -> None:
+    loss = CausalAblation(CausalParams(**FAST, null_atoms=0, random_control=False))
+    out = loss.compute(evaluation(context(adapters, tmp_path / "loss"), [0.5, 0.5, 0.0]))
+    assert out["causal_not_performed"] is None and out["causal_confirmed_performed"] is None
+    assert out["causal_n_performed"] is None and out["causal_n_attributed"] == 2.0
+    assert not any(k.startswith("causal_performed[") for k in out)
+    off = CausalAblation(CausalParams(**CHECKER, random_control=False, null_atoms=0, performed_gain=None),
+                         checker_for=stand_in_checkers)
+    out = off.compute(chat_evaluation(chat_context(chat_adapters, tmp_path / "off"), [1.0, 0.5, 0.3]))
+    assert out["causal_not_performed"] == 0.0 and out["causal_n_performed"] == 3.0
+    rows = rows_of(tmp_path / "off", "exact", "known-linear-00")
+    assert all(r["verdict"] != "not-performed" for r in rows)
