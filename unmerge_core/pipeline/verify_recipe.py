@@ -10,9 +10,9 @@ The core knows no merge algorithm: the claimed ΔW comes from the registered ``m
 (its dense path, i.e. mergekit's own ``merge_tensors``), called by method name through the plugin
 manager with the recipe's weights and parameters.
 
-Exactly checkable (deterministic) methods: :data:`EXACT_METHODS` (linear, task_arithmetic, ties).
-Methods that draw at random (:data:`RANDOM_METHODS`: DARE, DELLA) cannot be recomputed bit for bit;
-any other method is not checked in this version. Both give the verdict ``cannot check exactly``.
+Exactly checkable methods: :data:`EXACT_METHODS`, each recomputed by the merger plugin that offers it,
+and DARE / DELLA from the recipe's ``unmerge.seed``; DARE without a seed gets a statistical check
+(:func:`_statistical`), DELLA without one ``cannot check exactly``. A mismatch is explained (:func:`_explain`).
 
 Tolerance. The model stores base + ΔW in its dtype, so even a faithful merge differs from the exact
 claim by rounding. For each module the rounding error of storing the claim,
@@ -641,10 +641,11 @@ def _explain(recipe: Recipe, model: Checkpoint, base: Checkpoint, modules: list[
                            "coefficients": {names[i]: float(x) for i, x in zip(idx, wj)},
                            "line": f"{names[j]} is extra: without it the weighted sum of the others fits with "
                                    f"relative residual {rj:.3g}"})
-    for a in range(k, n):  # missing, or swapped for one of the recipe's constituents
+    missing = []
+    for a in range(k, n):  # missing, or swapped for one of the recipe's constituents (a swap is the more specific)
         idx = list(range(k)) + [a]
         wa, ra = fit(idx)
-        candidates.append({"kind": "constituent missing", "constituent": names[a], "relative_residual": ra,
+        missing.append({"kind": "constituent missing", "constituent": names[a], "relative_residual": ra,
                            "coefficients": {names[i]: float(x) for i, x in zip(idx, wa)},
                            "line": f"{names[a]} is missing: with it the weighted sum fits with relative residual "
                                    f"{ra:.3g} (its coefficient {wa[-1]:.4g})"})
@@ -656,6 +657,7 @@ def _explain(recipe: Recipe, model: Checkpoint, base: Checkpoint, modules: list[
                                "coefficients": {names[i]: float(x) for i, x in zip(idx, ws)},
                                "line": f"{names[j]} is {names[a]} in the model: that weighted sum fits with relative "
                                        f"residual {rs:.3g}"})
+    candidates += missing
     for method, sq in alt.items():
         ra = math.sqrt(sq) / norm
         candidates.append({"kind": "another method", "method": method, "relative_residual": ra,
@@ -814,10 +816,13 @@ def run_verify_recipe(model: str, recipe: str, *, base: str | None = None, dicti
 
 HELP = f"""Recompute the merge a mergekit recipe claims and compare it with the model's ΔW = MODEL − BASE on
 every coordinate of the merged modules, one module at a time. Exactly checkable methods:
-{', '.join(EXACT_METHODS)} (recomputed by the '{MERGER}' merger plugin); random methods
-({', '.join(RANDOM_METHODS)}) and any other method, slices: or modules: recipes give 'cannot check
-exactly'. The tolerance is a few times the rounding error of storing base + the claimed ΔW in the
-model's dtype. One line on standard output; everything (per-module errors too) with --json.
+{', '.join(EXACT_METHODS)} (each recomputed by the merger plugin that offers it), and
+{', '.join(RANDOM_METHODS)} when the recipe's unmerge: section gives the seed that drew them. DARE
+without a seed gets a statistical check (never 'matches'); DELLA without one, slices: or modules:
+recipes give 'cannot check exactly'. The tolerance is a few times the rounding error of storing base +
+the claimed ΔW in the model's dtype. A mismatch names its best explanation (refitted weights, a
+constituent missing, extra or swapped — with --dictionary —, another method). One line on standard
+output; everything (per-module errors too) with --json.
 Exit status: 0 matches, 1 does not match, 2 cannot check exactly or an error."""
 
 
