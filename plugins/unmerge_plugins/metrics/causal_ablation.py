@@ -68,6 +68,7 @@ them writes the files again.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -160,6 +161,10 @@ class CausalParams(PluginParams):
                                                         "reference response (its end-of-turn token included)")
     max_new_tokens: int = Field(256, ge=1, description="checker score: cap on the new tokens of an answer")
     generation_batch_size: int = Field(32, ge=1, description="checker score: prompts decoded together")
+    autocast: Literal["off", "bf16"] = Field(
+        "off", description="checker score: greedy decoding under torch.autocast in bfloat16 (weights and edits stay "
+                           "float32); needs a CPU with native bf16 (avx512_bf16, AMX, Arm bf16) or a CUDA GPU "
+                           "with bf16, refused otherwise")
     seed: int = 0
 
 
@@ -652,6 +657,7 @@ class CausalAblation:
         assert base is not None
         checkers = self._resolve_score(ctx)
         self._device = resolve_device(self.params.device)
+        self._check_autocast(self._device)
         self._model, tokenizer = load_causal_lm(base, self._device)
         modules = list(dict.fromkeys(m for a in adapters for m in a.module_names))
         self._editor = WeightEditor(self._model, modules)
@@ -665,6 +671,27 @@ class CausalAblation:
             self._generation = GenerationSet(tokenizer, {t: exs[: p.max_prompts] for t, exs in examples.items()},
                                              checkers, p.generation_batch_size, p.new_tokens_margin, p.max_new_tokens)
         self._base_scores = self._evaluate()
+
+    def _check_autocast(self, device: torch.device) -> None:
+        """Refuse, in one line, bf16 autocast where this device has no native bfloat16."""
+        if self.params.autocast == "off":
+            return
+        if device.type == "cpu":
+            from unmerge_plugins.lib.training import cpu_supports_bf16
+
+            if not cpu_supports_bf16():
+                raise UnmergeError("causal-ablation: autocast = 'bf16' needs a CPU with native bf16 (avx512_bf16, "
+                                   "AMX or Arm bf16) and this one has none; set autocast = 'off'")
+        elif device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UnmergeError("causal-ablation: autocast = 'bf16' needs bfloat16 support and this GPU has none; "
+                               "set autocast = 'off'")
+
+    def _generation_precision(self) -> Any:
+        """The context greedy decoding runs in: bf16 autocast (``autocast = "bf16"``) or nothing."""
+        assert self._device is not None
+        if self.params.autocast == "bf16":
+            return torch.autocast(self._device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _resolve_score(self, ctx: RunContext) -> dict[str, Checker]:
         """The score actually used (``auto``: ``checker`` when every skill has a checker, else ``loss``)
@@ -691,7 +718,8 @@ class CausalAblation:
         assert self._heldout is not None and self._device is not None
         self.evaluations += 1
         if self._generation is not None:
-            judged = self._generation.judged(self._model, self._device, tasks)
+            with self._generation_precision():
+                judged = self._generation.judged(self._model, self._device, tasks)
             return {t: SkillScores(None, exact, accepted) for t, (accepted, exact) in judged.items()}
         assert tasks is None
         scores = self._heldout.evaluate(self._model, self._device)

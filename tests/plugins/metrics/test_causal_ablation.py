@@ -761,3 +761,48 @@ def test_the_not_performed_rule_is_off_under_the_loss_score_and_by_parameter(ada
     assert out["causal_not_performed"] == 0.0 and out["causal_n_performed"] == 3.0
     rows = rows_of(tmp_path / "off", "exact", "known-linear-00")
     assert all(r["verdict"] != "not-performed" for r in rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# autocast: greedy decoding in bf16 where the CPU computes it natively
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_is_refused_in_one_line_on_a_cpu_without_bf16(chat_adapters, tmp_path, monkeypatch) -> None:
+    from unmerge_core import UnmergeError
+    from unmerge_plugins.lib import training
+
+    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: False)
+    loaded = []
+    monkeypatch.setattr("unmerge_plugins.metrics.causal_ablation.load_causal_lm", lambda *a: loaded.append(a))
+    metric = CausalAblation(CausalParams(**CHECKER, autocast="bf16", device="cpu"), checker_for=stand_in_checkers)
+    with pytest.raises(UnmergeError) as info:
+        metric.compute(chat_evaluation(chat_context(chat_adapters, tmp_path), [1.0, 0.5, 0.0]))
+    assert str(info.value) == ("causal-ablation: autocast = 'bf16' needs a CPU with native bf16 (avx512_bf16, AMX "
+                               "or Arm bf16) and this one has none; set autocast = 'off'")
+    assert not loaded  # refused before the model is loaded
+
+
+@pytest.mark.parametrize("autocast", ["off", "bf16"])
+def test_greedy_answers_run_under_the_asked_precision(chat_adapters, tmp_path, monkeypatch, autocast) -> None:
+    from unmerge_plugins.lib import generation
+    from unmerge_plugins.lib.training import cpu_supports_bf16
+
+    if autocast == "bf16" and not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16")
+    seen: set[tuple[bool, torch.dtype]] = set()
+    answers = generation.GenerationSet.answers
+
+    def recording(self, model, device="cpu", tasks=None):  # type: ignore[no-untyped-def]
+        seen.add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return answers(self, model, device, tasks)
+
+    monkeypatch.setattr(generation.GenerationSet, "answers", recording)
+    metric = CausalAblation(CausalParams(**CHECKER, autocast=autocast, device="cpu", null_atoms=0),
+                            checker_for=stand_in_checkers)
+    out = metric.compute(chat_evaluation(chat_context(chat_adapters, tmp_path), [1.0, 0.5, 0.0]))
+    assert {enabled for enabled, _ in seen} == {autocast == "bf16"}
+    if autocast == "bf16":
+        assert {dtype for _, dtype in seen} == {torch.bfloat16}
+        assert all(p.dtype == torch.float32 for p in metric._model.parameters())  # edits stay exact in float32
+    assert out["causal_verdict[pirate-dialect]"] == 1.0  # the tiny model's clear case holds in both
