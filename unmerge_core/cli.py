@@ -179,7 +179,7 @@ def compact(records: list[dict[str, object]]) -> list[dict[str, object]]:
 def screen_table(records: list[dict[str, object]], width: int = SCREEN_WIDTH) -> str:
     """The summary table ``unmerge run`` prints: :data:`SCREEN_COLUMNS`, two decimals, headers broken at
     ``_`` onto two lines, columns dropped from the right (least important first) until it fits ``width``."""
-    import tabulate as tabulate_module
+    from unmerge_core.report.tables import tight_table
 
     rows = compact(records)
     columns = list(rows[0]) if rows else []
@@ -189,16 +189,11 @@ def screen_table(records: list[dict[str, object]], width: int = SCREEN_WIDTH) ->
     def cell(value: object) -> str:
         return "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
-    saved, tabulate_module.MIN_PADDING = tabulate_module.MIN_PADDING, 0  # headers as wide as their words
-    try:
-        while True:
-            text = tabulate([[cell(r[k]) for k in columns] for r in rows],
-                            headers=[k.replace("_", "\n", 1) for k in columns], disable_numparse=True)
-            if len(columns) <= 3 or max(map(len, text.splitlines())) <= width:
-                return text
-            columns.pop()
-    finally:
-        tabulate_module.MIN_PADDING = saved
+    while True:
+        text = tight_table([[cell(r[k]) for k in columns] for r in rows], [k.replace("_", "\n", 1) for k in columns])
+        if len(columns) <= 3 or max(map(len, text.splitlines())) <= width:
+            return text
+        columns.pop()
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -25,18 +25,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tabulate import tabulate
 
 from unmerge_core.config.targets import Truth
 from unmerge_core.io.store import atomic_write_json, atomic_write_text, to_jsonable
 from unmerge_core.pipeline.scoring import Scored
-from unmerge_core.report.tables import DEFAULT_OOD_THRESHOLD, DEFAULT_SUPPORT_THRESHOLD, VERDICTS, verdict_of
+from unmerge_core.report.tables import (
+    DEFAULT_OOD_THRESHOLD,
+    DEFAULT_SUPPORT_THRESHOLD,
+    VERDICTS,
+    tight_table,
+    verdict_of,
+)
 from unmerge_core.types import CLAIMS
 
 REPORT_METRICS = ("reconstruction", "unique-share")
 """The metric plugins the report reads (reconstruction error, confidence): always run for it."""
 CONFIDENCE_METRIC = "unique_share"
 """Per-atom columns ``unique_share[<atom>]`` of the ``unique-share`` metric: the confidence fallback."""
+
+
+UNIQUE_SOURCE = "unique-share metric"
+"""``confidence_source`` when the decomposer states no confidence of its own (``confidence`` is then the
+unique share)."""
+CONFIDENCE_HEADERS = {"decomposer: 1 − p-value": "1−p", "decomposer: share of layers": "layers",
+                      "decomposer: confidence": "own conf"}
+"""The table's column for each kind of confidence a decomposer states itself: one meaning per column."""
 
 
 CAUSAL_COLUMN = "causal_verdict"
@@ -54,6 +67,7 @@ class AtomScore:
     skill: str = ""
     causal: str | None = None  # confirmed / refuted / inconclusive, when verified
     claim: str | None = None   # exact / retrained / relative (unmerge_core.CLAIMS), when attributed
+    unique_share: float | None = None  # the unique-share metric's value, for every decomposer
 
     def __post_init__(self) -> None:
         self.skill = self.skill or self.name
@@ -69,6 +83,7 @@ class SkillScore:
     atoms: list[str]
     causal: str | None = None
     claim: str | None = None   # the strongest level among its attributed atoms
+    unique_share: float | None = None  # the largest among its attributed atoms
 
 
 @dataclass
@@ -111,6 +126,8 @@ class Attribution:
                 score.claim = a.claim if score.claim is None else min(score.claim, a.claim, key=CLAIMS.index)
             if a.selected and a.confidence is not None:
                 score.confidence = max(score.confidence or 0.0, a.confidence)
+            if a.selected and a.unique_share is not None:
+                score.unique_share = max(score.unique_share or 0.0, a.unique_share)
             if a.selected and a.causal is not None:
                 order = ("confirmed", "inconclusive", "refuted")
                 score.causal = a.causal if score.causal is None else min(score.causal, a.causal, key=order.index)
@@ -120,9 +137,10 @@ class Attribution:
         return {
             "decomposer": self.decomposer,
             "attributed": [{"atom": a.name, "skill": a.skill, "claim": a.claim, "coefficient": a.coefficient,
-                            "confidence": a.confidence, "causal": a.causal} for a in self.attributed],
+                            "confidence": a.confidence, "unique_share": a.unique_share, "causal": a.causal}
+                           for a in self.attributed],
             "skills": [{"skill": s.name, "claim": s.claim, "coefficient": s.coefficient, "confidence": s.confidence,
-                        "atoms": s.atoms, "causal": s.causal} for s in self.skills],
+                        "unique_share": s.unique_share, "atoms": s.atoms, "causal": s.causal} for s in self.skills],
             "coefficients": {a.name: a.coefficient for a in self.atoms},
             "confidence": {a.name: a.confidence for a in self.atoms if a.confidence is not None},
             "confidence_source": self.confidence_source,
@@ -197,12 +215,12 @@ def attribution_from(scored: Scored, *, support_threshold: float = DEFAULT_SUPPO
     error = metrics.get("recon_error")
     if error is None:
         raise ValueError("the reconstruction metric's recon_error is missing")
+    unique = [metrics.get(f"{CONFIDENCE_METRIC}[{n}]") for n in names]
     reported = decomposer_confidence(result.info, names)
     if reported is not None:
         confidence, source = reported
     else:
-        confidence = [metrics.get(f"{CONFIDENCE_METRIC}[{n}]") for n in names]
-        source = "unique-share metric"
+        confidence, source = list(unique), UNIQUE_SOURCE
     causal = [_causal_word(metrics.get(f"{CAUSAL_COLUMN}[{n}]")) for n in names]
     remainder = result.info.get("remainder_share")
     verdict, rule = verdict_of(result, float(error), support_threshold=support_threshold,
@@ -211,7 +229,7 @@ def attribution_from(scored: Scored, *, support_threshold: float = DEFAULT_SUPPO
         remainder = float(error)  # reported with every verdict: the share of the target's energy not explained
     notes = [str(n) for n in result.info.get("notes", []) if isinstance(n, str)]
     claims = result.claim_levels(support_threshold)
-    atoms = [AtomScore(n, float(c), bool(s), confidence[j], skills[j], causal[j], claims[j])
+    atoms = [AtomScore(n, float(c), bool(s), confidence[j], skills[j], causal[j], claims[j], unique[j])
              for j, (n, c, s) in enumerate(zip(names, coef, support))]
     shown = {k: v for k, v in metrics.items() if not k.startswith((CONFIDENCE_METRIC, CAUSAL_COLUMN))}
     return Attribution(scored.decomposer, atoms, float(error), verdict, rule, source, shown, dict(result.info),
@@ -222,31 +240,6 @@ def _causal_word(value: float | None) -> str | None:
     if value is None:
         return None
     return "confirmed" if value > 0 else ("refuted" if value < 0 else "inconclusive")
-
-
-def format_atoms(attribution: Attribution, sep: str = "\n") -> str:
-    """``skill coefficient (confidence)`` per attributed skill, largest first; ``—`` when none.
-
-    A skill with several atoms says how many; a causal verdict, when verified, follows in brackets.
-    """
-    parts = []
-    for s in attribution.skills:
-        conf = "" if s.confidence is None else f" ({s.confidence:.2f})"
-        many = f" [{len(s.atoms)} atoms]" if len(s.atoms) > 1 else ""
-        if s.claim == "relative":
-            many += " [or a close relative]"
-        elif s.claim == "retrained":
-            many += " [another training]"
-        causal = f" [{s.causal}]" if s.causal else ""
-        parts.append(f"{s.name} {s.coefficient:.3f}{conf}{many}{causal}")
-    return sep.join(parts) if parts else "—"
-
-
-def format_verdict(attribution: Attribution, sep: str = "\n") -> str:
-    """``verdict (remainder share)`` then the rule and the decomposer's notes."""
-    remainder = "" if attribution.remainder_share is None else f" (remainder {attribution.remainder_share:.0%})"
-    lines = [f"{attribution.verdict}{remainder}", f"[{attribution.verdict_rule}]", *attribution.notes]
-    return sep.join(lines)
 
 
 TRUTH_FREE_METRICS = ("recon_error", "sparsity")
@@ -261,8 +254,8 @@ NULL_CONFIRMED = "causal_null_confirmed"
 
 
 def _metrics_cell(metrics: Mapping[str, float | None]) -> str:
-    shown = [(k, v) for k, v in metrics.items() if k != "recon_error"]
-    return " ".join(f"{k}={'n/a' if v is None else f'{v:.3g}'}" for k, v in shown) or "—"
+    shown = [(k, v) for k, v in metrics.items() if k not in TRUTH_FREE_METRICS and not k.startswith("causal_")]
+    return ", ".join(f"{k}={'n/a' if v is None else f'{v:.3g}'}" for k, v in shown) or "—"
 
 
 def _truth_defined(reports: Sequence[TargetReport]) -> bool:
@@ -324,40 +317,135 @@ def null_control_warnings(reports: Sequence[TargetReport]) -> list[str]:
     return out
 
 
+def confidence_headers(reports: Sequence[TargetReport]) -> list[tuple[str, str]]:
+    """``(confidence_source, column header)`` for each kind of confidence the decomposers state
+    themselves, in :data:`CONFIDENCE_HEADERS` order (the unique share has its own column)."""
+    sources = {a.confidence_source for r in reports for a in r.attributions}
+    return [(src, head) for src, head in CONFIDENCE_HEADERS.items() if src in sources]
+
+
 def short_legend(reports: Sequence[TargetReport]) -> list[str]:
-    """What the table's columns mean, one line each (not wrapped): coef, confidence, recon err, verdict."""
-    sources = sorted({a.confidence_source for r in reports for a in r.attributions if a.confidence_source})
-    source = f"; {'; '.join(sources)}" if sources else ""
-    return [
-        "coef: the skill's weight in the target's change (1.00: its whole adapter, as trained).",
-        f"confidence (in brackets{source}): how sure the skill is in the target, from 0 to 1.",
-        "recon err: the share of the target's change the attributed skills leave unexplained (0: none).",
-        "verdict: explained, partly-explained (skills found, plus a remainder), not-explained (no skill).",
-    ]
+    """What the table's columns mean, one line each (not wrapped)."""
+    lines = ["coef: the skill's weight in the target's change (1.00: its whole adapter, as trained); "
+             "claim: exact (this adapter), retrained (another training of it), relative (or a close relative)."]
+    for source, head in confidence_headers(reports):
+        lines.append({"1−p": "1−p: the decomposer's confidence, 1 − the p-value of its test that the skill is "
+                             "in the target (1.00: sure).",
+                      "layers": "layers: the share of layers whose own decomposition attributes the skill.",
+                      "own conf": "own conf: the confidence the decomposer states itself, from 0 to 1."}[head])
+    lines += ["unique: the share of the target's change only this skill explains (low when other attributed "
+              "skills look like it, even if it is a true constituent; not a confidence).",
+              "verdict: explained, partly-explained (skills found, plus a remainder), not-explained (no skill); "
+              "recon err: share of the change left unexplained."]
+    return lines
+
+
+def _rule_words(rule: str) -> str:
+    """``by decomposer``, or the fallback rule as ``recon err > 0.5`` (under the line ``recon err 0.61``)."""
+    if rule == "decomposer":
+        return "by decomposer"
+    return rule.replace("fallback: recon_error", "recon err") if rule else ""
+
+
+def _skill_cells(a: Attribution, conf_heads: Sequence[tuple[str, str]], causal: bool) -> list[list[str]]:
+    """One row of cells per attributed skill: name, claim, coef, own confidences, unique[, causal]."""
+    rows = []
+    for s in a.skills:
+        name = s.name + (f" [{len(s.atoms)} atoms]" if len(s.atoms) > 1 else "")
+        claim = (s.claim or "") if a.claims_given else "—"
+        cells = [name, claim, f"{s.coefficient:.3f}"]
+        for source, _ in conf_heads:
+            own = s.confidence if a.confidence_source == source else None
+            cells.append("" if own is None else f"{own:.2f}")
+        cells.append("" if s.unique_share is None else f"{s.unique_share:.2f}")
+        if causal:
+            cells.append(s.causal or "")
+        rows.append(cells)
+    return rows or [["—", "", "", *([""] * len(conf_heads)), "", *([""] if causal else [])]]
+
+
+def _verdict_lines(a: Attribution) -> list[str]:
+    lines = [a.verdict or "—"]
+    if a.remainder_share is not None:
+        lines.append(f"{100 * a.remainder_share:.0f} % unexplained")
+    lines += [f"recon err {a.recon_error:.3f}", _rule_words(a.verdict_rule)]
+    return [line for line in lines if line]
+
+
+def table_rows(reports: Sequence[TargetReport], tablefmt: str = "simple") -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the table: one row per attributed skill (the target, its group, the decomposer
+    and the verdict's lines down the first rows of its block)."""
+    several = len({a.decomposer for r in reports for a in r.attributions}) > 1
+    conf_heads = confidence_headers(reports)
+    causal = any(s.causal for r in reports for a in r.attributions for s in a.skills)
+    headers = ["target", *(["decomposer"] if several else []), "skill", "claim", "coef",
+               *[h for _, h in conf_heads], "unique", *(["causal"] if causal else []), "verdict"]
+    rows: list[list[str]] = []
+    for r in reports:
+        for k, a in enumerate(r.attributions):
+            left = [r.name, f"({r.group})"] if k == 0 else []
+            mid = _skill_cells(a, conf_heads, causal)
+            right = _verdict_lines(a)
+            n = max(len(left), len(mid), len(right))
+            if rows and tablefmt != "github":
+                rows.append([""] * len(headers))  # a blank line between blocks on the terminal
+            for i in range(n):
+                row = [left[i] if i < len(left) else ""]
+                if several:
+                    row.append(a.decomposer if i == 0 else "")
+                row += mid[i] if i < len(mid) else [""] * len(mid[0])
+                row.append(right[i] if i < len(right) else "")
+                rows.append(row)
+    return headers, rows
 
 
 def format_table(reports: Sequence[TargetReport], tablefmt: str = "simple") -> str:
-    """The table: one row per target × decomposer; the truth metrics column only when a target has
-    ground truth and some truth metric of it is defined."""
-    sep = "<br>" if tablefmt == "github" else "\n"
-    with_truth = _truth_defined(reports)
-    headers = ["target", "group", "decomposer", "skills: coef (confidence)", "recon err", "verdict (rule, notes)"]
-    if with_truth:
-        headers.append("metrics vs truth")
-    rows = []
+    """The table, at most :data:`WIDTH` columns wide where the names allow: one row per attributed skill;
+    the decomposer column only with several decomposers, a causal column only when verified, a
+    confidence column per kind of confidence the decomposers state. Long target and skill names are
+    wrapped (on the terminal) or cut in the middle (in Markdown, whose rows cannot wrap)."""
+    headers, rows = table_rows(reports, tablefmt)
+    names = [headers.index("target"), headers.index("skill")]
+    for limit in (None, 28, 22, 16, 12):
+        cut = rows if limit is None else [[_cut(c, limit) if j in names else c for j, c in enumerate(row)]
+                                          for row in rows]
+        text = "\n".join(line.rstrip() for line in tight_table(cut, headers, tablefmt).splitlines())
+        if max(map(len, text.splitlines()), default=0) <= WIDTH:
+            break
+    return text
+
+
+def _cut(name: str, limit: int) -> str:
+    """``name`` cut in the middle to ``limit`` characters (both ends tell names apart)."""
+    if len(name) <= limit:
+        return name
+    half = (limit - 1) // 2
+    return f"{name[:half]}…{name[-(limit - 1 - half):]}"
+
+
+def after_table(reports: Sequence[TargetReport]) -> list[str]:
+    """The lines under the table (not wrapped): each result's metrics against the truth, when some are
+    defined, and the decomposers' notes."""
+    several = len({a.decomposer for r in reports for a in r.attributions}) > 1
+    lines = []
+    if _truth_defined(reports):
+        for r in reports:
+            for a in r.attributions:
+                if r.truth is not None:
+                    who = f"{r.name} ({a.decomposer})" if several else r.name
+                    lines.append(f"{who} vs truth: {_metrics_cell(a.metrics)}")
     for r in reports:
         for a in r.attributions:
-            row = [r.name, r.group, a.decomposer, format_atoms(a, sep), f"{a.recon_error:.3f}", format_verdict(a, sep)]
-            if with_truth:
-                row.append(_metrics_cell(a.metrics) if r.truth is not None else "—")
-            rows.append(row)
-    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+            who = f"{r.name} ({a.decomposer})" if several else r.name
+            lines += [f"note on {who}: {n}" for n in a.notes]
+    return lines
 
 
 def format_reports(reports: Sequence[TargetReport], tablefmt: str = "simple") -> str:
     """What ``unmerge attribute`` prints (or, ``tablefmt="github"``, the body of ``attribution.md``):
-    one sentence per target, a warning where a null control confirmed, the table, and on the
-    terminal a short legend."""
+    one sentence per target, a warning where a null control confirmed, the table (after a line naming
+    the decomposer when there is only one), the metrics against the truth and the notes, and on the
+    terminal a short legend. Every line but the table's is wrapped at :data:`WIDTH` columns."""
     md = tablefmt == "github"
     first, rest = ("- ", "  ") if md else ("", "  ")
     sentences = [s for s in (target_sentence(r) for r in reports) if s]
@@ -365,23 +453,30 @@ def format_reports(reports: Sequence[TargetReport], tablefmt: str = "simple") ->
     warnings = null_control_warnings(reports)
     if warnings:
         blocks.append("\n".join(_wrap(w, first, rest) for w in warnings))
-    blocks.append(format_table(reports, tablefmt))
+    decomposers = list(dict.fromkeys(a.decomposer for r in reports for a in r.attributions))
+    table = format_table(reports, tablefmt)
+    if len(decomposers) == 1:
+        table = f"Decomposer: {decomposers[0]}\n\n{table}" if md else f"decomposer: {decomposers[0]}\n{table}"
+    blocks.append(table)
+    below = after_table(reports)
+    if below:
+        blocks.append("\n".join(_wrap(line, first, rest) for line in below))
     if not md:
         blocks.append("\n".join(_wrap(line) for line in short_legend(reports)))
     return "\n\n".join(blocks)
 
 
 def _legend(reports: Sequence[TargetReport]) -> str:
-    sources = sorted({a.confidence_source for r in reports for a in r.attributions if a.confidence_source})
     lines = [*short_legend(reports),
-             "Confidence: " + "; ".join(sources) + "." if sources else "",
-             "unique-share metric: share of the target's energy lost when the atom is left out and the other "
-             "attributed atoms are refitted (NNLS).",
+             "unique is the unique-share metric: the share of the target's energy lost when the skill is left "
+             "out and the other attributed skills are refitted (NNLS). The confidence columns are the "
+             "decomposers' own; `confidence` and `confidence_source` in attribution.json and `conf[atom]` in "
+             "attribution.csv hold the decomposer's own confidence, else the unique share.",
              "Verdicts: explained (the attributed skills account for the target), partly-explained (known skills "
              "found, plus a remainder the dictionary cannot explain: its share of the target's energy), "
              "not-explained (no known skill).",
-             "Verdict rule `decomposer`: the decomposer's own decision; `fallback`: "
-             "recon_error = 1 − cos(target, reconstruction)² compared with the threshold."]
+             "Verdict rule `by decomposer`: the decomposer's own decision; `recon err > 0.5` (or `≤`): the "
+             "fallback rule, recon_error = 1 − cos(target, reconstruction)² compared with the threshold."]
     return "\n".join(_wrap(line, "- ") for line in lines if line)
 
 
@@ -408,7 +503,8 @@ def _csv(reports: Sequence[TargetReport], atom_names: Sequence[str]) -> str:
         for a in r.attributions:
             metric_names += [k for k in a.metrics if k not in metric_names and k not in fixed]
     fields = [*fixed, *metric_names,
-              *[f"coef[{n}]" for n in atom_names], *[f"conf[{n}]" for n in atom_names]]
+              *[f"coef[{n}]" for n in atom_names], *[f"conf[{n}]" for n in atom_names],
+              *[f"unique[{n}]" for n in atom_names]]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -428,5 +524,6 @@ def _csv(reports: Sequence[TargetReport], atom_names: Sequence[str]) -> str:
             row.update({k: "" if a.metrics.get(k) is None else a.metrics[k] for k in metric_names})
             row.update({f"coef[{x.name}]": x.coefficient for x in a.atoms})
             row.update({f"conf[{x.name}]": "" if x.confidence is None else x.confidence for x in a.atoms})
+            row.update({f"unique[{x.name}]": "" if x.unique_share is None else x.unique_share for x in a.atoms})
             writer.writerow(row)
     return buf.getvalue()

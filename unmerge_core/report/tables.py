@@ -194,6 +194,18 @@ def format_table(records: list[dict[str, Any]], tablefmt: str = "simple") -> str
     return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
+def tight_table(rows: Sequence[Sequence[str]], headers: Sequence[str], tablefmt: str = "simple") -> str:
+    """``tabulate`` with columns as wide as their widest cell or header word (tabulate pads each header
+    by two more otherwise): what the screen tables use to fit 100 columns."""
+    import tabulate as tabulate_module
+
+    saved, tabulate_module.MIN_PADDING = tabulate_module.MIN_PADDING, 0
+    try:
+        return tabulate(rows, headers=list(headers), tablefmt=tablefmt, disable_numparse=True)
+    finally:
+        tabulate_module.MIN_PADDING = saved
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return UNDEFINED

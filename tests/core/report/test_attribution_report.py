@@ -78,17 +78,17 @@ def test_no_truth_metrics_column_without_truth() -> None:
                     [report(attributions=[attribution(metrics=no_truth)])]):  # truth, but every metric n/a
         for fmt in ("simple", "github"):
             out = format_reports(reports, fmt)
-            assert "metrics vs truth" not in out and "precision" not in out and "n/a" not in out, out
+            assert "vs truth" not in out and "precision" not in out and "n/a" not in out, out
     out = format_reports([report(), report("other", truth=False)])
-    assert "metrics vs truth" in out and "precision=1" in out
+    assert "merged vs truth: precision=1" in out and "other vs truth" not in out
 
 
 def test_the_terminal_shows_a_short_legend() -> None:
     out = format_reports([report()])
     legend = out[out.rindex("\n\n") + 2:].splitlines()
-    assert 3 <= len(legend) <= 5 and all(len(line) <= 100 for line in legend), legend
+    assert 3 <= len(legend) <= 10 and all(len(line) <= 100 for line in legend), legend
     text = " ".join(line.strip() for line in legend)
-    for term in ("coef:", "confidence", "recon err:", "verdict:", "decomposer: 1 − p-value"):
+    for term in ("coef:", "claim:", "1−p:", "unique:", "recon err:", "verdict:"):
         assert term in text
     assert "coef:" not in format_reports([report()], "github")  # the markdown has its own, longer legend
 
@@ -112,3 +112,40 @@ def test_a_decomposer_without_claim_levels_is_not_said_to_find_exact_adapters() 
     a.claims_given = False
     sentence = target_sentence(report(attributions=[a]))
     assert "chat-sort (0.51) and chat-pirate (0.01)" in sentence and "exact" not in sentence
+
+
+def test_confidence_has_one_meaning_per_column() -> None:
+    """The decomposer's own confidence (skill-fdr: 1 − p) and the unique share are two named columns;
+    a decomposer without its own leaves the first empty (it read 0.08 for a true constituent before,
+    under the same header as skill-fdr's 1 − p)."""
+    fdr = attribution()
+    for atom, share in zip(fdr.atoms, (0.45, 0.08)):
+        atom.unique_share = share
+    nnls = attribution(decomposer="nnls", verdict="explained", remainder=0.0)
+    nnls.confidence_source, nnls.claims_given = "unique-share metric", False
+    for atom, share in zip(nnls.atoms, (0.5, 0.08)):
+        atom.unique_share = atom.confidence = share
+    out = format_reports([report(attributions=[fdr, nnls])])
+    header = next(line for line in out.splitlines() if line.startswith("target"))
+    assert header.split() == ["target", "decomposer", "skill", "claim", "coef", "1−p", "unique", "verdict"]
+    assert "confidence" not in header
+    rows = [line.split() for line in out.splitlines() if "chat-pirate" in line and "0.408" in line]
+    assert rows[0][-4:-1] == ["1.00", "0.08", "8"] or rows[0][2:6] == ["exact", "0.408", "1.00", "0.08"]
+    assert rows[1][1:4] == ["—", "0.408", "0.08"]  # nnls: no 1−p, its unique share under "unique"
+
+
+def test_tables_fit_100_columns_with_long_names_several_decomposers_and_notes(tmp_path) -> None:
+    long = attribution(atoms=(("a-rather-long-skill-name-for-a-dictionary-adapter", 0.6, "retrained"),
+                              ("chat-pirate", 0.4, "relative")))
+    long.notes = ["the split between the two skills may be confounded by a skill not in the dictionary " * 2]
+    other = attribution(decomposer="paper-nnls")
+    reports = [report("a-merged-model-with-a-long-name-from-the-hub-v2", attributions=[long, other]),
+               report("short", truth=False)]
+    out = format_reports(reports)
+    assert all(len(line) <= 100 for line in out.splitlines()), max(out.splitlines(), key=len)
+    write_report(tmp_path, reports, ["a-rather-long-skill-name-for-a-dictionary-adapter", "chat-json-person",
+                                     "chat-pirate", "chat-sort"], {}, [])
+    md = (tmp_path / "attribution.md").read_text()
+    assert all(len(line) <= 100 for line in md.splitlines() if not line.startswith("Dictionary:")), \
+        max(md.splitlines(), key=len)
+    assert "note on a-merged-model-with-a-long-name-from-the-hub-v2 (skill-fdr): the split" in out.replace("\n  ", " ")
