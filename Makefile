@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MANIFEST ?= experiments/quickstart.toml
 REAL_GGUF := .real/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run test docs test-slow test-real real real-model example fuzz scenarios merge-methods bench bench-real bench-scaling clean
+.PHONY: install run test docs test-slow test-real real real-model real-scale-svd-scores example fuzz scenarios merge-methods bench bench-real bench-scaling clean
 
 install: $(STAMP)
 
@@ -57,9 +57,18 @@ $(REAL_GGUF): | $(STAMP)
 	$(BIN)/python experiments/fetch_real_model.py
 
 # The real-model experiment: 12 chat skills on SmolLM2, 72 targets, every decomposer, causal
-# verification by generation (README: "A real pretrained LLM").
+# verification by generation (README: "A real pretrained LLM"); then Scale-SVD with activation
+# statistics beside task arithmetic on the same adapters (experiments/smollm2-scale-svd.toml).
 real: install $(REAL_GGUF)
 	$(BIN)/unmerge run experiments/smollm2.toml
+	$(BIN)/unmerge run experiments/smollm2-scale-svd.toml
+
+# The merged models' own task scores (issue 26): task arithmetic and Scale-SVD (activation and uniform
+# scaling, two sparsities) on the same constituents, checker accuracy per skill, beside the base model
+# and each adapter alone (runs/smollm2-scale-svd/scale-svd-scores.{md,csv,json}; docs/real-model.md).
+real-scale-svd-scores: install $(REAL_GGUF)
+	grep -qs '"complete"' runs/smollm2-scale-svd/run.json || $(MAKE) real
+	$(BIN)/python experiments/scale_svd_scores.py
 
 # The worked example: mergekit-yaml merges three of `make real`'s adapters (one outside the dictionary),
 # then unmerge attribute says what the merge is made of (files in runs/worked-example/).

@@ -41,7 +41,7 @@ from unmerge_core.io.masks import load_mask
 from unmerge_core.io.model_info import ModelInfo, describe_model, human
 from unmerge_core.io.store import ArtifactStore, dumps_json
 from unmerge_core.pipeline.executor import SequentialExecutor
-from unmerge_core.pipeline.merging import needs_base_weights
+from unmerge_core.pipeline.merging import needs_activations, needs_base_weights
 from unmerge_core.pipeline.parallel import worker_count
 from unmerge_core.pipeline.protocol import generate_targets
 from unmerge_core.pipeline.runner import Runner, training_name
@@ -179,11 +179,23 @@ class _Planner:
         mask_cached = store.exists("masks", mask_key)
         statistics = runner.statistics_keys(specs, mask_key)
         base, base_note = self._full_weight_base(specs, adapter_keys)
+        # activation-scaled targets: their statistics' keys need the trained adapters' modules
+        all_trained = trained == len(adapter_keys)
+        inputs = (runner.input_statistics_units(specs, {n: store.path("adapters", k) for n, k in adapter_keys.items()})
+                  if all_trained else None)
+        activation_tasks = {(t, int(m.merger_for(s.method).instance().activation_batches))
+                            for s in specs if needs_activations(m.merger_for(s.method).instance(), s.method)
+                            for t in s.tasks}
         target_keys = {}
         for spec in specs:
-            on_base = needs_base_weights(m.merger_for(spec.method).instance(), spec.method)
-            target_keys[spec.target_id] = (runner.target_key(spec, mask_key, base if on_base else None)
-                                           if not (on_base and base is None) else None)
+            merger = m.merger_for(spec.method).instance()
+            on_base = needs_base_weights(merger, spec.method)
+            input_keys: list[str] | None = []
+            if needs_activations(merger, spec.method):
+                batches = int(merger.activation_batches)
+                input_keys = [inputs[(t, batches)].key for t in spec.tasks] if inputs is not None else None
+            target_keys[spec.target_id] = (runner.target_key(spec, mask_key, base if on_base else None, input_keys)
+                                           if not (on_base and base is None) and input_keys is not None else None)
         dictionary_key = runner.dictionary_key(mask_key)
         evaluation_key = runner.evaluation_key(mask_key, specs)
         cache = store.root / "cache"
@@ -209,6 +221,10 @@ class _Planner:
             stages.append(("merge-statistics", len(statistics),
                            sum(store.exists("merge-stats", k) for _, k in statistics.values()),
                            f"merge statistics ({shared} made with the mask)" if shared else "merge statistics"))
+        if activation_tasks:
+            stages.append(("input-statistics", len(activation_tasks),
+                           sum(store.exists("input-stats", u.key) for u in inputs.values()) if inputs else 0,
+                           "input statistics (the base model on each task's training data)"))
         stages += [("merger", n_targets, sum(k is not None and store.exists("targets", k) for k in target_keys.values()),
                     "targets"),
                    ("decomposer", n_targets * n_decomposers, decompositions,

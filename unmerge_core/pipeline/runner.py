@@ -731,11 +731,11 @@ class Runner:
             key_parts.append(list(input_keys))
         return content_key("target", *key_parts)
 
-    def input_statistics(self, specs: Sequence[MergeJob],
-                         adapter_dirs: Mapping[str, Path]) -> dict[tuple[str, int], Path]:
-        """Input statistics of the base model on each task's training data, for the tasks of every
-        activation-scaled target, by (task, batches): recorded by the dictionary's trainer on every
-        module any adapter of the run adapts, cached by trainer × task × seed × modules × batches."""
+    def input_statistics_units(self, specs: Sequence[MergeJob],
+                               adapter_dirs: Mapping[str, Path]) -> dict[tuple[str, int], InputStatisticsUnit]:
+        """The input-statistics work of ``specs``' activation-scaled targets, by (task, batches): one
+        unit per task and batch count, on every module any adapter of the run adapts, keyed by
+        trainer × task × seed × modules × batches (and the recording code)."""
         wanted: set[tuple[str, int]] = set()
         for spec in specs:
             merger = self.m.merger_for(spec.method).instance()
@@ -750,19 +750,33 @@ class Runner:
         modules = tuple(sorted(widths))
         trainer = self.m.trainer
         workspace = self.store.root / "cache" / "workspace" / content_key(trainer.config())
-        keys = sorted(wanted)
-        units = []
-        for task_name, batches in keys:
+        units = {}
+        for task_name, batches in sorted(wanted):
             task = self._task(task_name)
             seed = self._train_seed(task, "")
             key = content_key("input-statistics", trainer.config(), task.name, task.category, dict(task.source), seed,
                               modules, batches, module_closure_digest("unmerge_core.io.activations"))
-            self._forget("merger", "input-stats", key)
-            units.append(InputStatisticsUnit(trainer, task, seed, workspace, modules,
-                                             tuple(widths[m] for m in modules), batches, key, self.store.root))
+            units[(task_name, batches)] = InputStatisticsUnit(trainer, task, seed, workspace, modules,
+                                                              tuple(widths[m] for m in modules), batches, key,
+                                                              self.store.root)
+        return units
+
+    def input_statistics(self, specs: Sequence[MergeJob],
+                         adapter_dirs: Mapping[str, Path]) -> dict[tuple[str, int], Path]:
+        """Input statistics of the base model on each task's training data, for the tasks of every
+        activation-scaled target, by (task, batches): recorded by the dictionary's trainer
+        (:meth:`input_statistics_units`), reused from the store when there."""
+        planned = self.input_statistics_units(specs, adapter_dirs)
+        if not planned:
+            return {}
+        keys = list(planned)
+        units = [planned[k] for k in keys]
+        for unit in units:
+            self._forget("merger", "input-stats", unit.key)
         reused = sum(self.store.exists("input-stats", u.key) for u in units)
         with self.stage("input-statistics", len(units), reused):
-            paths = self.executor.map(input_statistics_unit, units, desc=f"input statistics ({trainer.label})")
+            paths = self.executor.map(input_statistics_unit, units,
+                                      desc=f"input statistics ({self.m.trainer.label})")
         return dict(zip(keys, paths))
 
     def merge_statistics(self, specs: Sequence[MergeJob], adapter_dirs: dict[str, Path],
