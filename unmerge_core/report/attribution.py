@@ -487,7 +487,7 @@ def write_report(run_dir: Path, reports: Sequence[TargetReport], atom_names: Seq
     atomic_write_json(run_dir / "attribution.json", {**meta, "atom_names": list(atom_names),
                                                      "targets": [r.as_dict() for r in reports],
                                                      "warnings": list(warnings)})
-    md = ["# UNMERGE attribution", "", f"Dictionary: {', '.join(atom_names)}", "",
+    md = ["# UNMERGE attribution", "", _wrap(f"Dictionary: {', '.join(atom_names)}", rest=""), "",
           format_reports(reports, "github"), "", _legend(reports)]
     if warnings:
         md += ["", "Warnings:", "", *[f"- {w}" for w in warnings]]

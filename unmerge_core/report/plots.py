@@ -27,7 +27,7 @@ from unmerge_core.report.tables import VERDICTS, ResultRow, ResultTable, verdict
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import ListedColormap, PowerNorm  # noqa: E402
+from matplotlib.colors import LinearSegmentedColormap, ListedColormap, PowerNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
@@ -35,10 +35,11 @@ ROW_FONT, ATOM_FONT, TEXT_FONT = 8, 8, 9  # points: target names, atom names, ti
 PNG_OPTIONS = {"compress_level": 3}  # zlib level 3 instead of 6: a third less time, files 15% larger
 LONGEST_NAME = 48  # characters of a name drawn in a heatmap (the tables hold the whole name)
 COEF_CMAP = "Blues"  # sequential: 0 is white, the largest coefficient darkest
-NEGATIVE_COLOUR = "#f4a582"  # a coefficient below 0 (the colour bar's "under" end)
-OUTSIDE_CMAP = "Oranges"  # the share of a target's weight from skills outside the dictionary
+NEGATIVE_COLOUR = "#b2abd2"  # a coefficient below 0 (the colour bar's "under" end): purple, apart from the oranges
 VERDICT_COLOURS = {"explained": "#ffffff", "partly-explained": "#fdbe85", "not-explained": "#d94801"}
 """The verdict strip: orange as much as the decomposer says the target is outside the dictionary."""
+OUTSIDE_CMAP = LinearSegmentedColormap.from_list("outside", ["#ffffff", VERDICT_COLOURS["not-explained"]])
+"""The share of a target's weight from skills outside the dictionary: white 0, the not-explained orange 1."""
 MISSING_COLOUR = "#d9d9d9"  # no truth, no verdict
 FALSE_POSITIVE = "#d7191c"
 MISSED = "#e66101"
