@@ -32,11 +32,17 @@ Usage (after ``make real``; ``make real-scale-svd-scores``)::
     .venv/bin/python experiments/scale_svd_scores.py [--run-dir runs/smollm2-scale-svd] [--targets 3]
         [--prompts 16] [--sparsities 0.1,0.7] [--device cpu]
 
-Cost (2 shared, heavily contended CPU cores, SmolLM2-135M-Instruct): one model answering 16 prompts of
-one skill takes a few seconds to ~20 s depending on the answer length; with the defaults — 2 known
-task-arithmetic targets in runs/smollm2-scale-svd (3 asked for), 5 merged models each, plus the base and
-each adapter alone — the measured wall time is given in docs/real-model.md ("Scale-SVD on the real
-model"); the defaults were chosen to stay under 15 minutes. The tiny test run takes ~10 s.
+Cost, measured 2026-12-07 on SmolLM2-135M-Instruct, float32, on the 2 development cores shared with
+other runs (load average 6-12; timings contended): model load 4 s; one *skill scoring* (16 greedy
+answers of one skill on one model) 31-54 s (chat-sort, chat-pirate 31 s, chat-json-person 45 s,
+chat-sql-query 54 s); one Scale-SVD merge (``svd = "randomized"``, 10 rounds) 4.3 s per 576 × 576
+module and 1.5 s per 192 × 576 module for 3 constituents, i.e. ~6 min for a 3-skill target (~4 min for
+2 skills) per variant. With the defaults on runs/smollm2-scale-svd (2 known task-arithmetic targets;
+base and each adapter alone, then task arithmetic + 4 Scale-SVD variants per target: ~35 skill
+scorings and 8 merges) that is an estimated 50-60 min on those contended cores — over the 15 minutes
+aimed at; roughly half on quiet cores. ``--sparsities 0.7`` halves the merges, ``--prompts 8`` the
+scorings. The whole script was not yet run on SmolLM2 (its run was not complete). The tiny test run:
+~80 s on the contended cores.
 """
 
 from __future__ import annotations
