@@ -350,14 +350,12 @@ class RunResult:
 
 
 def run_root(manifest: Any) -> Path:
-    """The folder a loaded manifest's relative ``output.dir`` and ``output.store`` are taken from in
-    :func:`run`: the folder of the manifest's registry file (``registry = "../registry.toml"``, or the
-    nearest ``registry.toml`` upwards from the manifest), the project's root.
+    """The folder a loaded manifest's relative ``output.dir`` and ``output.store`` were taken from
+    (:func:`unmerge_core.config.manifest.project_root`): the folder of its registry file, the project's
+    root — for ``unmerge run`` and :func:`run` alike."""
+    from unmerge_core.config.manifest import project_root
 
-    For the shipped ``experiments/*.toml`` that is the repository root, so the API writes where
-    ``unmerge run experiments/X.toml`` writes when started from the repository root (the command line
-    takes them from its current folder)."""
-    return Path(manifest.registry.path).resolve().parent
+    return project_root(manifest.registry)
 
 
 def run(manifest_path: PathLike, *, redo: str | None = None, progress: bool = False,
@@ -367,7 +365,7 @@ def run(manifest_path: PathLike, *, redo: str | None = None, progress: bool = Fa
     Paths in the manifest are taken from fixed folders, never from the current one: ``registry``,
     ``base`` and the targets' paths from the manifest's folder (as the command line does), and a
     relative ``output.dir`` / ``output.store`` from :func:`run_root`, the folder that holds the
-    manifest's registry file. So ``run("experiments/quickstart.toml")`` writes ``runs/quickstart`` at the
+    manifest's registry file (the command line does the same). So ``run("experiments/quickstart.toml")`` writes ``runs/quickstart`` at the
     repository root (next to ``registry.toml``), from whichever folder it is called; an absolute
     ``output.dir`` is used as it is.
 
@@ -381,25 +379,12 @@ def run(manifest_path: PathLike, *, redo: str | None = None, progress: bool = Fa
         UnmergeError: an invalid manifest, a plugin's failure, ... in one line (or one per problem).
     """
     from unmerge_core.config.manifest import load_manifest
-    from unmerge_core.io.store import check_output_dir
     from unmerge_core.pipeline.runner import Runner
     from unmerge_core.quiet import quiet_third_party
     from unmerge_core.report.tables import per_target_records
 
     path = Path(_path(manifest_path, "manifest")).expanduser()
     manifest = load_manifest(path)
-    root = run_root(manifest)
-    output = manifest.file.output
-    if not Path(output.dir).is_absolute():
-        output.dir = str(root / output.dir)
-        problem = check_output_dir(manifest.run_dir)
-        if problem:
-            raise UnmergeError(f"{path}: output.dir: {output.dir} cannot hold the run directory: {problem}")
-    if output.store is not None and not Path(output.store).is_absolute():
-        output.store = str(root / output.store)
-        problem = check_output_dir(Path(output.store))
-        if problem:
-            raise UnmergeError(f"{path}: output.store: {output.store} cannot hold the artifact store: {problem}")
     shown: Any = False
     if progress:
         shown = "bar" if os.environ.get("UNMERGE_PROGRESS") or sys.stderr.isatty() else "lines"

@@ -139,6 +139,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` as a person reads it: relative to the current folder when below it, else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from unmerge_core.config.manifest import load_manifest
     from unmerge_core.pipeline.runner import Runner
@@ -153,7 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if problem:
             raise UnmergeError(f"--output-dir {args.output_dir}: {problem}")
         manifest.file.output.dir = args.output_dir
-    print(f"unmerge: running {manifest.name} -> {manifest.run_dir}", file=sys.stderr)
+    print(f"unmerge: running {manifest.name} -> {_shown_path(manifest.run_dir)}", file=sys.stderr)
     result = Runner(manifest, progress=progress_mode(args.no_progress), plots=not args.no_plots, redo=args.redo).run()
     print(screen_table(result.table.summary(("decomposer", "group"))))
     print("(means over each group's targets, all merge methods; per method and every column: summary.md)\n")

@@ -171,3 +171,23 @@ def test_run_attribute_without_output_dir_refuses_verify_in_one_line(world) -> N
     request = AttributeRequest(targets=[("t", world["target"])], output_dir=None, dictionary=world["dict"], verify=True)
     with pytest.raises(UnmergeError, match="--verify: give an output directory"):
         run_attribute(request, echo=lambda s: None)
+
+
+def test_the_command_line_takes_relative_output_from_the_registrys_folder_too(workdir, tmp_path_factory,
+                                                                              monkeypatch, capsys) -> None:
+    """`unmerge run` took a relative output.dir / output.store from the current folder while the API took
+    them from the registry's: started elsewhere, the command line retrained everything into ./runs."""
+    text = textwrap.dedent(SYNTHETIC_MANIFEST).replace('seed = 7\n', 'seed = 7\nregistry = "../registry.toml"\n')
+    text = text.replace('dir = "{out}"', 'dir = "runs"\nstore = "shared"')
+    (workdir / "experiments").mkdir()
+    manifest = workdir / "experiments" / "m.toml"
+    manifest.write_text(text)
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    monkeypatch.chdir(elsewhere)
+    assert main(["run", str(manifest), "--no-progress", "--no-plots"]) == 0
+    assert _files(elsewhere) == set()
+    assert (workdir / "runs" / "synthetic-test" / "summary.csv").is_file() and (workdir / "shared" / "cache").is_dir()
+    assert f"-> {workdir / 'runs' / 'synthetic-test'}" in capsys.readouterr().err
+    monkeypatch.chdir(workdir)  # below the current folder, the path is shown relative to it
+    assert main(["run", str(manifest), "--no-progress", "--no-plots"]) == 0
+    assert "-> runs/synthetic-test" in capsys.readouterr().err

@@ -201,10 +201,10 @@ class VariantRef(PluginRef):
 class Output(_Strict):
     # validated on assignment too: `unmerge run --output-dir` sets dir, and `~` is expanded there as well
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
-    dir: str = Field("runs", min_length=1, description="folder holding runs/<name>/ (relative: to the working "
-                     "directory of `unmerge run`)")
+    dir: str = Field("runs", min_length=1, description="folder holding runs/<name>/ (relative: to the folder of "
+                                                       "the manifest's registry file, the project's root)")
     store: str | None = Field(None, min_length=1, description="artifact store shared by several manifests "
-                                                             "(default: the run directory)")
+                                                             "(default: the run directory; relative: as dir)")
 
     @field_validator("dir", "store")
     @classmethod
@@ -452,6 +452,7 @@ def manifest_from_data(raw: dict[str, Any], path: Path, manager: PluginManager |
     errors: list[str] = []
     _check_requirements(path, file.requires, errors)
     registry = _load_registry(path, file.registry)
+    _anchor_output(file, project_root(registry))
     known = _lookup_tasks(path, registry, "tasks.known", file.tasks.known, errors)
     unknown = _lookup_tasks(path, registry, "tasks.unknown", file.tasks.unknown, errors)
     _check_protocol(path, file, errors)
@@ -530,6 +531,23 @@ def manifest_from_data(raw: dict[str, Any], path: Path, manager: PluginManager |
         report_metrics=tuple(m for m in report_metrics if m),
         variants=tuple(variants),
     )
+
+
+def project_root(registry: Registry) -> Path:
+    """The folder a manifest's relative ``output.dir`` and ``output.store`` are taken from: the one
+    holding its registry file (``registry = "../registry.toml"``, or the nearest ``registry.toml``
+    upwards from the manifest) — the project's root, whatever the current folder. For the shipped
+    ``experiments/*.toml`` that is the repository root: ``runs/quickstart`` lands there from
+    ``unmerge run``, from ``unmerge_core.api.run`` and from a notebook in any folder alike."""
+    return Path(registry.path).resolve().parent
+
+
+def _anchor_output(file: ManifestFile, root: Path) -> None:
+    """Make relative ``output.dir`` / ``output.store`` absolute under ``root`` (:func:`project_root`)."""
+    if not Path(file.output.dir).is_absolute():
+        file.output.dir = str(root / file.output.dir)
+    if file.output.store is not None and not Path(file.output.store).is_absolute():
+        file.output.store = str(root / file.output.store)
 
 
 def _load_registry(manifest_path: Path, registry: str | None) -> Registry:
