@@ -83,18 +83,26 @@ def _truncated(m: torch.Tensor, k: int, svd: str) -> torch.Tensor:
     return (u[:, :k] * s[:k]) @ vh[:k]
 
 
+def _keep_largest(values: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
+    """``values`` with all but its ``keep`` largest-magnitude entries along ``dim`` set to zero: a
+    partial selection (``topk``) when few are kept, else a stable sort. Among entries of exactly equal
+    magnitude at the cut, which are kept is the selection's (deterministic) choice."""
+    n = values.shape[dim]
+    if keep >= n:
+        return values
+    if keep <= 0:
+        return torch.zeros_like(values)
+    if keep < n // 2:  # selecting the few kept is cheaper than sorting everything
+        kept = torch.topk(values.abs(), keep, dim=dim, sorted=False).indices
+        return torch.zeros_like(values).scatter(dim, kept, values.gather(dim, kept))
+    dropped = torch.sort(values.abs(), dim=dim, stable=True).indices.narrow(dim, 0, n - keep)
+    return values.scatter(dim, dropped, 0.0)
+
+
 def _hard_threshold(r: torch.Tensor, pruned: float, prune: str) -> torch.Tensor:
     if prune == "row":
-        drop = int(r.shape[1] * pruned)
-        if drop == 0:
-            return r
-        return r.scatter(1, torch.sort(r.abs(), dim=1, stable=True).indices[:, :drop], 0.0)
-    drop = int(r.numel() * pruned)
-    if drop == 0:
-        return r
-    flat = r.flatten().clone()
-    flat[torch.sort(flat.abs(), stable=True).indices[:drop]] = 0.0
-    return flat.view_as(r)
+        return _keep_largest(r, r.shape[1] - int(r.shape[1] * pruned), 1)
+    return _keep_largest(r.flatten(), r.numel() - int(r.numel() * pruned), 0).view_as(r)
 
 
 def feature_scales(inputs: InputStatistics, statistic: str) -> torch.Tensor:
