@@ -54,6 +54,9 @@ CONFIDENCE_HEADERS = {"decomposer: 1 − p-value": "1−p", "decomposer: share o
 
 CAUSAL_COLUMN = "causal_verdict"
 """Per-atom columns ``causal_verdict[<atom>]`` of ``causal-ablation``: 1 confirmed, 0 inconclusive, −1 refuted."""
+PERFORMED_COLUMN = "causal_performed"
+"""Per-atom columns ``causal_performed[<atom>]``: 1 when the target performs the skill better than the base,
+0 when not (a 0 verdict then reads not-performed)."""
 
 
 @dataclass
@@ -65,7 +68,7 @@ class AtomScore:
     selected: bool
     confidence: float | None = None
     skill: str = ""
-    causal: str | None = None  # confirmed / refuted / inconclusive, when verified
+    causal: str | None = None  # confirmed / refuted / inconclusive / not-performed, when verified
     claim: str | None = None   # exact / retrained / relative (unmerge_core.CLAIMS), when attributed
     unique_share: float | None = None  # the unique-share metric's value, for every decomposer
 
@@ -129,7 +132,7 @@ class Attribution:
             if a.selected and a.unique_share is not None:
                 score.unique_share = max(score.unique_share or 0.0, a.unique_share)
             if a.selected and a.causal is not None:
-                order = ("confirmed", "inconclusive", "refuted")
+                order = ("confirmed", "inconclusive", "not-performed", "refuted")
                 score.causal = a.causal if score.causal is None else min(score.causal, a.causal, key=order.index)
         return sorted(out.values(), key=lambda s: -s.coefficient)
 
@@ -221,7 +224,8 @@ def attribution_from(scored: Scored, *, support_threshold: float = DEFAULT_SUPPO
         confidence, source = reported
     else:
         confidence, source = list(unique), UNIQUE_SOURCE
-    causal = [_causal_word(metrics.get(f"{CAUSAL_COLUMN}[{n}]")) for n in names]
+    causal = [_causal_word(metrics.get(f"{CAUSAL_COLUMN}[{n}]"), metrics.get(f"{PERFORMED_COLUMN}[{n}]"))
+              for n in names]
     remainder = result.info.get("remainder_share")
     verdict, rule = verdict_of(result, float(error), support_threshold=support_threshold,
                                ood_threshold=ood_threshold) or ("", "")
@@ -236,9 +240,13 @@ def attribution_from(scored: Scored, *, support_threshold: float = DEFAULT_SUPPO
                        None if remainder is None else float(remainder), notes, result.claims is not None)
 
 
-def _causal_word(value: float | None) -> str | None:
+def _causal_word(value: float | None, performed: float | None = None) -> str | None:
+    """The causal check's verdict on one skill; ``performed`` = 0: the target does not perform the skill
+    better than the base, so no removal can show anything (``causal-ablation``'s not-performed)."""
     if value is None:
         return None
+    if value == 0 and performed is not None and performed == 0:
+        return "not-performed"
     return "confirmed" if value > 0 else ("refuted" if value < 0 else "inconclusive")
 
 

@@ -149,3 +149,14 @@ def test_tables_fit_100_columns_with_long_names_several_decomposers_and_notes(tm
     assert all(len(line) <= 100 for line in md.splitlines()), \
         max(md.splitlines(), key=len)
     assert "note on a-merged-model-with-a-long-name-from-the-hub-v2 (skill-fdr): the split" in out.replace("\n  ", " ")
+
+
+def test_a_skill_the_target_does_not_perform_reads_not_performed_not_inconclusive() -> None:
+    """causal-ablation writes 0 for both an inconclusive and a not-performed check; the report read every
+    0 as 'inconclusive' although causal_performed[atom] = 0 says the target does not perform the skill."""
+    from unmerge_core.report.attribution import _causal_word
+
+    assert _causal_word(0.0, 0.0) == "not-performed"
+    assert _causal_word(0.0, 1.0) == "inconclusive" and _causal_word(0.0) == "inconclusive"
+    assert _causal_word(1.0, 0.0) == "confirmed" and _causal_word(-1.0, 1.0) == "refuted"
+    assert _causal_word(None, 0.0) is None
