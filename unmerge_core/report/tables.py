@@ -169,7 +169,7 @@ GLOSSARY = {
     "causal_confirmed": "share of attributed skills whose removal from the target hurt their task",
     "causal_refuted": "share of attributed skills whose removal did not hurt their task",
     "causal_inconclusive": "share of attributed skills whose removal gave no clear answer",
-    "causal_not_performed": "share of attributed skills the target does not perform better than the base",
+    "causal_not_performed": "share of attributed skills the target does not do better than the base",
     "causal_n_attributed": "attributed skills checked causally (denominator of the four shares)",
     "causal_confirmed_performed": "share of the skills the target performs that were confirmed",
     "causal_n_performed": "attributed skills the target performs (denominator of the share above)",
