@@ -770,14 +770,19 @@ class Runner:
         if not planned:
             return {}
         keys = list(planned)
-        units = [planned[k] for k in keys]
-        for unit in units:
-            self._forget("merger", "input-stats", unit.key)
-        reused = sum(self.store.exists("input-stats", u.key) for u in units)
-        with self.stage("input-statistics", len(units), reused):
-            paths = self.executor.map(input_statistics_unit, units,
-                                      desc=f"input statistics ({self.m.trainer.label})")
+        paths = self._cached_units("input-statistics", "input-stats", [planned[k] for k in keys],
+                                   input_statistics_unit, f"input statistics ({self.m.trainer.label})")
         return dict(zip(keys, paths))
+
+    def _cached_units(self, stage: str, kind: str, units: Sequence[Any], work: Callable[[Any], Path],
+                      desc: str) -> list[Path]:
+        """Run a merger-stage step's units (each with a ``key`` into the store's ``kind``) as stage
+        ``stage``: forgotten first under ``--redo merger``, counted as reused when already there."""
+        for unit in units:
+            self._forget("merger", kind, unit.key)
+        reused = sum(self.store.exists(kind, u.key) for u in units)
+        with self.stage(stage, len(units), reused):
+            return self.executor.map(work, units, desc=desc)
 
     def merge_statistics(self, specs: Sequence[MergeJob], adapter_dirs: dict[str, Path],
                          mask_dir: Path) -> dict[tuple[str, str], Path]:
@@ -788,12 +793,8 @@ class Runner:
         if not wanted:
             return {}
         keys = sorted(wanted)
-        units = [wanted[k] for k in keys]
-        for unit in units:
-            self._forget("merger", "merge-stats", unit.key)
-        reused = sum(self.store.exists("merge-stats", u.key) for u in units)
-        with self.stage("merge-statistics", len(units), reused):
-            paths = self.executor.map(statistics_unit, units, desc="merge statistics")
+        paths = self._cached_units("merge-statistics", "merge-stats", [wanted[k] for k in keys], statistics_unit,
+                                   "merge statistics")
         return dict(zip(keys, paths))
 
     def dictionary_key(self, mask_key: str) -> str:
