@@ -247,3 +247,43 @@ def to_gguf_layout(name: str, values):
     if not name.endswith(("attn_q.weight", "attn_k.weight")):
         return values
     return values.reshape(heads, 2, values.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(values.shape)
+
+
+SCALE_SVD_MANIFEST = """
+name = "{name}"
+seed = {seed}
+registry = "{registry}"
+[tasks]
+known = ["python-function", "json-format", "pirate-style"]
+unknown = ["uppercase"]
+[protocol]
+groups = {groups}
+methods = ["task_arithmetic", "scale-svd"]
+targets_per_group = 4
+min_tasks = 2
+max_tasks = 2
+[trainer]
+plugin = "peft-lora"
+[trainer.params]
+rank = 4
+alpha = 8
+learning_rate = 1e-2
+epochs = 1
+batch_size = 8
+num_examples = 32
+max_length = 48
+tiny = {{ hidden_size = 32, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, intermediate_size = 64, pretrain_steps = 20 }}
+[[merger]]
+plugin = "mergekit"
+[[merger]]
+plugin = "scale-svd"
+params = {{ {scale_params} }}
+[masker]
+plugin = "topk"
+params = {{ budget = 1024 }}
+[[decomposers]]
+plugin = "nnls"
+{metrics}[output]
+dir = "{out}"
+"""
+"""Task arithmetic beside activation-scaled Scale-SVD on tiny PEFT adapters (the Scale-SVD end-to-end tests)."""

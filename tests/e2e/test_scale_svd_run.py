@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO  # noqa: E402
+from helpers import REPO, SCALE_SVD_MANIFEST  # noqa: E402
 from unmerge_core.config.manifest import load_manifest
 from unmerge_core.io.activations import load_input_statistics
 from unmerge_core.io.adapters import LoraAdapter
@@ -20,50 +20,15 @@ from unmerge_core.pipeline.runner import RoutedDenseMerge, Runner
 from unmerge_core.types import MergeJob
 from unmerge_plugins.mergers.scale_svd import ScaleSvdMerger
 
-MANIFEST = """
-name = "scale-svd-e2e"
-seed = 5
-registry = "{registry}"
-[tasks]
-known = ["python-function", "json-format", "pirate-style"]
-unknown = ["uppercase"]
-[protocol]
-groups = ["known", "mixed"]
-methods = ["task_arithmetic", "scale-svd"]
-targets_per_group = 4
-min_tasks = 2
-max_tasks = 2
-[trainer]
-plugin = "peft-lora"
-[trainer.params]
-rank = 4
-alpha = 8
-learning_rate = 1e-2
-epochs = 1
-batch_size = 8
-num_examples = 32
-max_length = 48
-tiny = {{ hidden_size = 32, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, intermediate_size = 64, pretrain_steps = 20 }}
-[[merger]]
-plugin = "mergekit"
-[[merger]]
-plugin = "scale-svd"
-params = {{ calibration_batches = 2, sparsity = 0.3, rank_ratio = 0.5 }}
-[masker]
-plugin = "topk"
-params = {{ budget = 1024 }}
-[[decomposers]]
-plugin = "nnls"
-[output]
-dir = "{out}"
-"""
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("scale-svd")
     path = root / "m.toml"
-    path.write_text(MANIFEST.format(registry=REPO / "registry.toml", out=root / "runs"))
+    path.write_text(SCALE_SVD_MANIFEST.format(name="scale-svd-e2e", seed=5, groups='["known", "mixed"]',
+                                          scale_params="calibration_batches = 2, sparsity = 0.3, rank_ratio = 0.5",
+                                          metrics="", registry=REPO / "registry.toml", out=root / "runs"))
     manifest = load_manifest(path)
     return manifest, Runner(manifest, progress=False, echo=lambda s: None).run()
 

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO  # noqa: E402
+from helpers import REPO, SCALE_SVD_MANIFEST  # noqa: E402
 from unmerge_core.config.manifest import load_manifest
 from unmerge_core.io.adapters import LoraAdapter
 from unmerge_core.io.masks import load_mask
@@ -26,45 +26,6 @@ from unmerge_plugins.lib.generation import GenerationSet, resolve_checker
 from unmerge_plugins.lib.lm import WeightEditor, load_causal_lm
 from unmerge_plugins.lib.tasks import load_examples
 
-MANIFEST = """
-name = "scale-svd-scores"
-seed = 3
-registry = "{registry}"
-[tasks]
-known = ["python-function", "json-format", "pirate-style"]
-unknown = ["uppercase"]
-[protocol]
-groups = ["known"]
-methods = ["task_arithmetic", "scale-svd"]
-targets_per_group = 4
-min_tasks = 2
-max_tasks = 2
-[trainer]
-plugin = "peft-lora"
-[trainer.params]
-rank = 4
-alpha = 8
-learning_rate = 1e-2
-epochs = 1
-batch_size = 8
-num_examples = 32
-max_length = 48
-tiny = {{ hidden_size = 32, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, intermediate_size = 64, pretrain_steps = 20 }}
-[[merger]]
-plugin = "mergekit"
-[[merger]]
-plugin = "scale-svd"
-params = {{ calibration_batches = 2, rank_ratio = 0.5 }}
-[masker]
-plugin = "topk"
-params = {{ budget = 1024 }}
-[[decomposers]]
-plugin = "nnls"
-[[metrics]]
-plugin = "support"
-[output]
-dir = "{out}"
-"""
 PROMPTS = 4
 
 
@@ -80,7 +41,10 @@ def _script():
 def scored(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("scale-svd-scores")
     path = root / "m.toml"
-    path.write_text(MANIFEST.format(registry=REPO / "registry.toml", out=root / "runs"))
+    path.write_text(SCALE_SVD_MANIFEST.format(name="scale-svd-scores", seed=3, groups='["known"]',
+                                          scale_params="calibration_batches = 2, rank_ratio = 0.5",
+                                          metrics='[[metrics]]\nplugin = "support"\n', registry=REPO / "registry.toml",
+                                          out=root / "runs"))
     manifest = load_manifest(path)
     result = Runner(manifest, progress=False, echo=lambda s: None).run()
     run_dir = result.run_dir
